@@ -395,23 +395,32 @@ def contrastive_loss(y_true, y_pred, margin=margin):
     mean(y * d^2 + (1 - y) * max(margin - d, 0)^2), with y = 1 for a pair of the same
     digit and d the predicted distance.
     """
+    return ops.mean(contrastive_loss_per_pair(y_true, y_pred, margin))
+
+
+def contrastive_loss_per_pair(y_true, y_pred, margin=margin):
+    """The terms `contrastive_loss` averages, one per pair, in the shape of `y_pred`."""
     y_pred = ops.convert_to_tensor(y_pred)
     y_true = ops.reshape(ops.cast(y_true, y_pred.dtype), ops.shape(y_pred))
     square_pred = ops.square(y_pred)
     margin_square = ops.square(ops.maximum(margin - y_pred, 0.0))
-    return ops.mean(y_true * square_pred + (1.0 - y_true) * margin_square)
+    return y_true * square_pred + (1.0 - y_true) * margin_square
 
 
 @keras.saving.register_keras_serializable(package="mnist_siamese")
 class ContrastiveLoss(keras.losses.Loss):
-    """`contrastive_loss` with its margin stored, so a saved model can be reloaded."""
+    """`contrastive_loss` with its margin stored, so a saved model can be reloaded.
+
+    It hands Keras the per-pair terms and lets Keras average them, which keeps the mean
+    right when a batch is split across several devices.
+    """
 
     def __init__(self, margin=margin, name="contrastive_loss", **kwargs):
         super().__init__(name=name, **kwargs)
         self.margin = margin
 
     def call(self, y_true, y_pred):
-        return contrastive_loss(y_true, y_pred, self.margin)
+        return contrastive_loss_per_pair(y_true, y_pred, self.margin)
 
     def get_config(self):
         return {**super().get_config(), "margin": self.margin}
@@ -425,11 +434,15 @@ def compute_accuracy(y_true, y_pred, threshold=distance_threshold):
 
 @keras.saving.register_keras_serializable(package="mnist_siamese")
 def accuracy(y_true, y_pred):
-    """Training-time accuracy metric with the same threshold (keras.ops)."""
+    """Training-time accuracy metric with the same threshold (keras.ops).
+
+    Returns 1 or 0 per pair; Keras averages them over all pairs seen, so a short last
+    batch weighs no more than its pairs.
+    """
     y_pred = ops.convert_to_tensor(y_pred)
     y_true = ops.reshape(ops.cast(y_true, y_pred.dtype), ops.shape(y_pred))
     predicted_same = ops.cast(y_pred < distance_threshold, y_pred.dtype)
-    return ops.mean(ops.cast(ops.equal(y_true, predicted_same), "float32"))
+    return ops.cast(ops.equal(y_true, predicted_same), "float32")
 
 
 # ---------------------------------------------------------------------------
@@ -453,7 +466,9 @@ def train(model, train_dataset, test_dataset, settings, callbacks=()):
         loss=ContrastiveLoss(margin=settings.margin),
         optimizer=keras.optimizers.RMSprop(learning_rate=settings.learning_rate),
         metrics=[accuracy],
-        steps_per_execution=steps_per_execution,
+        # Keras's multi-step loop fails under MirroredStrategy in TF 2.21 (an unfed
+        # placeholder in its while loop), so distributed runs take one step per call.
+        steps_per_execution=1 if tf.distribute.has_strategy() else steps_per_execution,
         jit_compile=os.environ.get("JIT", "auto") if os.environ.get("JIT") != "0" else False,
     )
     return model.fit(
