@@ -599,20 +599,30 @@ def plot_distance_histogram(labels, distances, threshold, path):
     _save_figure(figure, path)
 
 
-def plot_pair_grid(images, pairs, labels, distances, path, count=12):
-    """A grid of test pairs, each titled with its distance and true label."""
+def plot_pair_grid(images, pairs, labels, distances, path, count=16):
+    """A grid of test pairs spread over all digits, titled with distance and truth.
+
+    A pair the 0.5 threshold gets wrong has a red title.
+    """
     pyplot = _pyplot()
+    shown = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).astype(int))
+    # Pairs alternate positive, negative: nudge every other pick so both kinds show.
+    shown = np.unique(np.clip(shown - (shown % 2) + np.arange(len(shown)) % 2, 0, len(pairs) - 1))
     columns = 4
-    rows = (count + columns - 1) // columns
-    figure, axes = pyplot.subplots(rows, columns, figsize=(2.6 * columns, 1.6 * rows))
-    for position, axis in enumerate(np.ravel(axes)):
+    rows = -(-len(shown) // columns)
+    figure, axes = pyplot.subplots(
+        rows, columns, figsize=(2.6 * columns, 1.6 * rows), squeeze=False
+    )
+    for axis in axes.ravel():
         axis.axis("off")
-        if position >= min(count, len(pairs)):
-            continue
-        first, second = pairs[position]
+    for axis, index in zip(axes.ravel(), shown, strict=False):
+        first, second = pairs[index]
         axis.imshow(np.hstack([images[first], images[second]]), cmap="gray")
-        truth = "same" if labels[position] else "different"
-        axis.set_title(f"d={distances[position]:.2f} ({truth})", fontsize=9)
+        truth = "same" if labels[index] else "different"
+        wrong = (distances[index] < distance_threshold) != bool(labels[index])
+        axis.set_title(
+            f"d={distances[index]:.2f} ({truth})", fontsize=9, color="red" if wrong else "black"
+        )
     figure.tight_layout()
     _save_figure(figure, path)
 
