@@ -310,7 +310,10 @@ def shuffled_index_batches(count, batch_size, seed):
     # Dataset.random draws a new value on each pass, so each epoch gets its own order.
     pass_values = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
     orders = pass_values.map(permutation, num_parallel_calls=tf.data.AUTOTUNE)
-    return orders.flat_map(batched)
+    # The length is stated because a pipeline built with flat_map has none that Keras can
+    # read, and without one Keras warns at the end of every epoch.
+    batch_count = -(-count // batch_size)
+    return orders.flat_map(batched).apply(tf.data.experimental.assert_cardinality(batch_count))
 
 
 # ---------------------------------------------------------------------------
@@ -750,16 +753,17 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def training_callbacks(output_dir):
-    """Backup of the training state every epoch, then the per-epoch log row.
+    """The per-epoch log row, then a backup of the training state, every epoch.
 
-    The backup comes first: if a run dies between the two, the row of that epoch is
-    written again on resume, and `final_history` keeps the last one.
+    The row comes first: if a run dies between the two, the resumed run repeats that
+    epoch and logs it again, and `final_history` keeps the later row. (The other order
+    would lose the row of an epoch that the backup already counts as done.)
     """
     return [
+        keras.callbacks.CSVLogger(str(output_dir / "history-progress.csv"), append=True),
         keras.callbacks.BackupAndRestore(
             backup_dir=str(output_dir / "backup"), double_checkpoint=True
         ),
-        keras.callbacks.CSVLogger(str(output_dir / "history-progress.csv"), append=True),
         EpochTimer(),
     ]
 
