@@ -1,0 +1,261 @@
+"""In-process tests of triplet_totally_looks_like.py: downloads, zips, output folders."""
+
+import json
+import pathlib
+import stat
+import sys
+import zipfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import triplet_totally_looks_like as tll  # noqa: E402
+
+
+def _leftovers(folder):
+    return [path.name for path in pathlib.Path(folder).rglob(".tmp-*")]
+
+
+# ---------------------------------------------------------------------------
+# Zip extraction
+# ---------------------------------------------------------------------------
+
+
+def _make_zip(path, members):
+    """A zip of `members`: (name, content) or ZipInfo-ready (ZipInfo, content) items."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members:
+            archive.writestr(name, content)
+    return path
+
+
+def test_extract_zip_safely_unpacks_the_top_folder(tmp_path):
+    zip_path = _make_zip(
+        tmp_path / "left.zip",
+        [("left/", b""), ("left/00000.jpg", b"a"), ("left/sub/00001.jpg", b"b")],
+    )
+    folder = tll.extract_zip_safely(zip_path, tmp_path / "left")
+    assert (folder / "00000.jpg").read_bytes() == b"a"
+    assert (folder / "sub" / "00001.jpg").read_bytes() == b"b"
+    assert not _leftovers(tmp_path)
+
+
+def test_extract_zip_safely_without_top_folder(tmp_path):
+    zip_path = _make_zip(tmp_path / "right.zip", [("00000.jpg", b"a"), ("00001.jpg", b"b")])
+    folder = tll.extract_zip_safely(zip_path, tmp_path / "right")
+    assert sorted(path.name for path in folder.iterdir()) == ["00000.jpg", "00001.jpg"]
+
+
+def _symlink_member(name, target):
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # Unix, so the mode bits below are read
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target
+
+
+@pytest.mark.parametrize(
+    "member, reason",
+    [
+        ("../evil.txt", "'..'"),
+        ("left/../../evil.txt", "'..'"),
+        ("/tmp/evil.txt", "absolute path"),
+        ("C:/evil.txt", "absolute path"),
+        ("left\\..\\..\\evil.txt", "'..'"),
+        ("symlink", "symbolic link"),
+    ],
+)
+def test_crafted_zip_is_rejected_before_anything_is_written(tmp_path, member, reason):
+    zip_path = tmp_path / "work" / "left.zip"
+    zip_path.parent.mkdir()
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("left/00000.jpg", b"fine")
+        if member == "symlink":
+            info, target = _symlink_member("left/link.jpg", b"/etc/passwd")
+            archive.writestr(info, target)
+        else:
+            archive.writestr(member, b"evil")
+    with pytest.raises(ValueError, match=f"refusing to extract member .*{reason}"):
+        tll.extract_zip_safely(zip_path, zip_path.parent / "left")
+    assert sorted(path.name for path in zip_path.parent.iterdir()) == ["left.zip"]
+    assert not list(tmp_path.rglob("evil.txt"))
+
+
+def test_corrupt_and_non_zip_files_are_rejected(tmp_path):
+    zip_path = tmp_path / "left.zip"
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("left/00000.jpg", b"A" * 1000)
+    content = bytearray(zip_path.read_bytes())
+    position = content.index(b"A" * 1000)
+    content[position + 10] = ord("B")  # breaks the member's CRC
+    zip_path.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match="corrupt"):
+        tll.extract_zip_safely(zip_path, tmp_path / "left")
+    (tmp_path / "right.zip").write_bytes(b"<html>quota exceeded</html>")
+    with pytest.raises(ValueError, match="not a valid zip file"):
+        tll.extract_zip_safely(tmp_path / "right.zip", tmp_path / "right")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["left.zip", "right.zip"]
+
+
+# ---------------------------------------------------------------------------
+# Downloads, through main(), with the network simulated
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "keras_cache"
+    monkeypatch.setattr(tll, "cache_dir", cache)
+    return cache
+
+
+def _run_main(capsys, args):
+    code = tll.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_dataset_download_failure_is_one_line_naming_the_offline_options(
+    tmp_path, offline_cache, monkeypatch, capsys
+):
+    import gdown
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'drive.google.com'")
+
+    monkeypatch.setattr(gdown, "download", offline)
+    code, out, err = _run_main(capsys, ["--output-dir", tmp_path / "out"])
+    assert code == 2
+    assert out.splitlines()[0].startswith("Device: ")
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("triplet_totally_looks_like.py: error: could not download left.zip")
+    assert "--data-dir" in lines[0] and "--dry-run" in lines[0]
+    assert "Traceback" not in err
+    # Nothing half-downloaded is left to be mistaken for the real file.
+    assert sorted(path.name for path in offline_cache.iterdir()) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_gdown_returning_nothing_is_a_download_error(tmp_path, offline_cache, monkeypatch):
+    import gdown
+
+    monkeypatch.setattr(gdown, "download", lambda *args, **kwargs: None)
+    offline_cache.mkdir()
+    with pytest.raises(tll.DownloadError, match="--data-dir"):
+        tll.download_from_google_drive("some-id", offline_cache / "left.zip")
+    assert list(offline_cache.iterdir()) == []
+
+
+def test_downloaded_crafted_zip_stops_the_run(tmp_path, offline_cache, monkeypatch, capsys):
+    import gdown
+
+    def serve_crafted_zip(id, output, quiet):
+        _make_zip(pathlib.Path(output), [("left/00000.jpg", b"x"), ("../../escape.txt", b"x")])
+        return output
+
+    monkeypatch.setattr(gdown, "download", serve_crafted_zip)
+    code, _, err = _run_main(capsys, ["--output-dir", tmp_path / "out"])
+    assert code == 2
+    assert "refusing to extract member '../../escape.txt'" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("escape.txt"))
+    # The complete zip was kept, but no folder was extracted from it.
+    assert sorted(path.name for path in offline_cache.iterdir()) == ["left.zip"]
+
+
+def test_downloaded_zips_are_extracted_once_and_counted(tmp_path, offline_cache, monkeypatch):
+    import gdown
+
+    calls = []
+
+    def serve(id, output, quiet):
+        calls.append(id)
+        side = "left" if id == tll.google_drive_ids["left"] else "right"
+        _make_zip(pathlib.Path(output), [(f"{side}/{n:05d}.jpg", b"x") for n in range(3)])
+        return output
+
+    monkeypatch.setattr(gdown, "download", serve)
+    folder = tll.download_dataset()
+    assert folder == offline_cache
+    anchors, positives = tll.find_image_pairs(folder)
+    assert len(anchors) == len(positives) == 3
+    # A second call finds the folders and downloads nothing.
+    tll.download_dataset()
+    assert len(calls) == 2
+    assert not _leftovers(offline_cache)
+
+
+# ---------------------------------------------------------------------------
+# Output folder rules and atomic files
+# ---------------------------------------------------------------------------
+
+
+def test_prepare_output_dir_rules(tmp_path):
+    output_dir = tmp_path / "run"
+    assert tll.prepare_output_dir(output_dir) == output_dir
+    (output_dir / "metrics.json").write_text(json.dumps({"dry_run": False}))
+    (output_dir / "loss.png").write_bytes(b"old")
+    (output_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds a finished run.*--overwrite"):
+        tll.prepare_output_dir(output_dir)
+    with pytest.raises(ValueError, match="already holds a finished run"):
+        tll.prepare_output_dir(output_dir, dry_run=True)
+    tll.prepare_output_dir(output_dir, overwrite=True)
+    assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt"]
+
+    (output_dir / "backup").mkdir()
+    with pytest.raises(ValueError, match="interrupted run.*--resume.*--overwrite"):
+        tll.prepare_output_dir(output_dir)
+    tll.prepare_output_dir(output_dir, resume=True)
+    assert (output_dir / "backup").exists()
+
+    # A dry run may replace an earlier dry run.
+    dry_dir = tmp_path / "dry"
+    tll.prepare_output_dir(dry_dir)
+    (dry_dir / "metrics.json").write_text(json.dumps({"dry_run": True}))
+    tll.prepare_output_dir(dry_dir, dry_run=True)
+    assert not (dry_dir / "metrics.json").exists()
+
+
+def test_prepare_output_dir_refuses_files_and_unwritable_places(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        tll.prepare_output_dir(tmp_path / "file")
+    with pytest.raises(ValueError, match="cannot be written"):
+        tll.prepare_output_dir(tmp_path / "file" / "below")
+
+
+def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "metrics.json"
+    tll.write_json({"a": 1}, path)
+    with pytest.raises(RuntimeError):
+        with tll._atomic_path(path) as temporary:
+            pathlib.Path(temporary).write_text("half")
+            raise RuntimeError("crash midway")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    tll.write_csv([{"epoch": 0, "loss": 1.5}], ["epoch", "loss"], tmp_path / "h.csv")
+    assert (tmp_path / "h.csv").read_text().splitlines() == ["epoch,loss", "0,1.5"]
+
+
+def test_final_history_keeps_the_last_row_of_each_epoch(tmp_path):
+    (tmp_path / "history-progress.csv").write_text(
+        "epoch,loss,val_loss\n0,3,3\n1,2,2\n1,1.5,1.8\n2,1,1\n"
+    )
+    rows = tll.final_history(tmp_path)
+    assert [(row["epoch"], row["loss"]) for row in rows] == [("0", "3"), ("1", "1.5"), ("2", "1")]
+
+
+def test_resume_refuses_a_different_split(tmp_path):
+    split = {"train": ["00000.jpg", "00001.jpg"], "validation": ["00002.jpg", "00003.jpg"]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    # Without a backup there is nothing to continue: any split is fine.
+    tll._check_resumed_split(tmp_path, {"train": [], "validation": []})
+    (tmp_path / "backup").mkdir()
+    tll._check_resumed_split(tmp_path, split)
+    changed = {"train": ["00000.jpg", "00002.jpg"], "validation": ["00001.jpg", "00003.jpg"]}
+    with pytest.raises(ValueError, match="differ from those of the interrupted run.*--overwrite"):
+        tll._check_resumed_split(tmp_path, changed)
