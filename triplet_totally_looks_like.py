@@ -29,9 +29,11 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -1100,21 +1102,55 @@ class EpochTimer(keras.callbacks.Callback):
         self.durations.append(time.perf_counter() - self._start)
 
 
-def training_callbacks(output_dir):
-    """Back up the training state every epoch, then log the epoch's row, then time it.
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold back Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
 
-    The backup comes before the log row, so a run killed between the two logs that epoch
-    again when resumed, and `final_history` keeps the later row. The backup is kept when
-    training ends and deleted only once every output is written: a crash while saving
-    still resumes at the last epoch instead of training again.
+    Only the main thread can handle signals; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(
+            signal.SIGINT, previous if previous is not None else signal.default_int_handler
+        )
+    if received:
+        raise KeyboardInterrupt
+
+
+class InterruptSafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` whose end-of-epoch save is not cut short by Ctrl-C.
+
+    A Ctrl-C during the save would leave a half-written backup, which the resumed run
+    could not read; it is delivered once the save is complete instead.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        with _ctrl_c_deferred():
+            super().on_epoch_end(epoch, logs)
+
+
+def training_callbacks(output_dir):
+    """Log the epoch's row, then back up the training state, every epoch; time the epochs.
+
+    The row comes first: if a run dies between the two, the resumed run repeats that epoch
+    and logs it again, and `final_history` keeps the later row (the other order would lose
+    the row of an epoch the backup already counts as done). The backup is kept when
+    training ends and deleted only once every output is written, so a crash while saving
+    resumes at the last epoch instead of training again.
     """
     return [
-        keras.callbacks.BackupAndRestore(
+        keras.callbacks.CSVLogger(str(output_dir / "history-progress.csv"), append=True),
+        InterruptSafeBackupAndRestore(
             backup_dir=str(output_dir / "backup"),
             double_checkpoint=True,
             delete_checkpoint=False,
         ),
-        keras.callbacks.CSVLogger(str(output_dir / "history-progress.csv"), append=True),
         EpochTimer(),
     ]
 
@@ -1195,58 +1231,70 @@ def build_argument_parser():
     parser.add_argument(
         "--data-dir",
         type=pathlib.Path,
+        metavar="DIR",
         help="a folder holding left/ and right/ (default: download the dataset into ~/.keras)",
     )
     parser.add_argument(
         "--weights",
         type=_weights,
+        metavar="{imagenet,none,PATH}",
         help="ResNet50 weights: imagenet, none (random) or the path of a local .h5 / "
         ".weights.h5 file (default imagenet; none with --dry-run)",
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, help="epochs (default 10; 1 with --dry-run)"
+        "--epochs", type=_positive_int, metavar="N", help="epochs (default 10; 1 with --dry-run)"
     )
     parser.add_argument(
         "--batch-size",
         type=_positive_int,
         default=batch_size,
+        metavar="N",
         help="triplets per batch (default 32)",
     )
     parser.add_argument(
         "--margin",
         type=_positive_float,
+        metavar="MARGIN",
         default=margin,
         help="triplet-loss margin (default 0.5)",
     )
     parser.add_argument(
         "--learning-rate",
         type=_positive_float,
+        metavar="RATE",
         default=learning_rate,
         help="Adam learning rate (default 0.0001)",
     )
     parser.add_argument(
         "--image-size",
         type=_image_size,
+        metavar="N",
         help="images are resized to N x N pixels, N >= 32 (default 200; 64 with --dry-run)",
     )
     parser.add_argument(
         "--validation-split",
         type=_fraction,
+        metavar="FRACTION",
         default=validation_split,
         help="fraction of the pairs held out for validation (default 0.2)",
     )
     parser.add_argument(
         "--seed",
         type=int,
+        metavar="N",
         default=seed,
         help="seed for the split, negatives, shuffles and weights (default 42)",
     )
     parser.add_argument(
-        "--limit", type=_positive_int, help="use only the first N pairs (sorted by name)"
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="use only the first N pairs (sorted by name)",
     )
     parser.add_argument(
         "--output-dir",
         type=pathlib.Path,
+        metavar="DIR",
         help="where the model, history, metrics and plots go (default "
         "runs/triplet_totally_looks_like; runs/triplet_totally_looks_like_dry_run with "
         "--dry-run)",
@@ -1368,7 +1416,7 @@ def run(args):
         try:
             return train_and_evaluate(args, data, output_dir)
         except KeyboardInterrupt:
-            if (output_dir / "backup").exists():
+            if (output_dir / "backup" / "training_metadata.json").exists():
                 message = (
                     f"interrupted: the training state of the last finished epoch is saved in "
                     f"{output_dir / 'backup'}; run the same command with --resume to continue"

@@ -259,3 +259,22 @@ def test_resume_refuses_a_different_split(tmp_path):
     changed = {"train": ["00000.jpg", "00002.jpg"], "validation": ["00001.jpg", "00003.jpg"]}
     with pytest.raises(ValueError, match="differ from those of the interrupted run.*--overwrite"):
         tll._check_resumed_split(tmp_path, changed)
+
+
+def test_ctrl_c_during_a_backup_is_delivered_after_it():
+    import os
+    import signal
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with tll._ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append("save completed")
+    assert finished == ["save completed"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    callbacks = tll.training_callbacks(pathlib.Path("out"))
+    assert [type(callback).__name__ for callback in callbacks] == [
+        "CSVLogger",
+        "InterruptSafeBackupAndRestore",
+        "EpochTimer",
+    ]
