@@ -726,7 +726,7 @@ def prepare_output_dir(output_dir, resume, overwrite, dry_run):
         # the folder looking finished.
         metrics_path.unlink(missing_ok=True)
         shutil.rmtree(backup_dir, ignore_errors=True)
-        (output_dir / "history-progress.csv").unlink(missing_ok=True)
+    # Rows logged by a run that left no backup belong to no run that can be resumed.
     if not backup_dir.exists():
         (output_dir / "history-progress.csv").unlink(missing_ok=True)
     return output_dir
