@@ -111,6 +111,7 @@ OUTPUT_FILES = (
     "history.csv",
     "history-progress.csv",
     "split.json",
+    "settings.json",
     "similarities.csv",
     "triplets.png",
     "loss.png",
@@ -444,32 +445,55 @@ def choose_negatives(pair_count, rng):
     return other_pair + side * pair_count
 
 
+def training_triplet_indices(pair_count, seed=seed):
+    """A `tf.data` dataset of (anchor, positive, negative) indices into `anchors + positives`.
+
+    Pair i is (i, pair_count + i). The pairs are reshuffled every epoch and every anchor
+    gets a new negative every epoch, by the rule of `choose_negatives`.
+    """
+    if pair_count < 2:
+        raise ValueError("training needs at least two pairs")
+    pairs = tf.data.Dataset.range(pair_count)
+    pairs = pairs.shuffle(pair_count, seed=seed, reshuffle_each_iteration=True)
+    random_numbers = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+
+    def add_negative(index, random_number):
+        # The same rule as `choose_negatives`, from one random integer per triplet.
+        other_pair = tf.math.floormod(random_number // 2, pair_count - 1)
+        other_pair += tf.cast(other_pair >= index, tf.int64)
+        side = tf.math.floormod(random_number, 2)
+        return index, index + pair_count, other_pair + side * pair_count
+
+    dataset = tf.data.Dataset.zip(pairs, random_numbers)
+    return dataset.map(add_negative, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def training_triplets(anchor_images, positive_images, seed=seed):
     """A `tf.data` dataset of (anchor, positive, negative) file names for training.
 
     The pairs are reshuffled every epoch and every anchor gets a new negative every epoch,
     drawn from the other training pairs only (validation images never appear here).
     """
-    pair_count = len(anchor_images)
-    if pair_count < 2:
-        raise ValueError("training needs at least two pairs")
+    if len(anchor_images) != len(positive_images):
+        raise ValueError("training_triplets needs as many anchors as positives")
     pool = tf.constant(list(anchor_images) + list(positive_images))
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (list(anchor_images), list(positive_images), np.arange(pair_count, dtype=np.int64))
+    return training_triplet_indices(len(anchor_images), seed).map(
+        lambda anchor, positive, negative: (
+            tf.gather(pool, anchor),
+            tf.gather(pool, positive),
+            tf.gather(pool, negative),
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
-    dataset = dataset.shuffle(pair_count, seed=seed, reshuffle_each_iteration=True)
-    random_numbers = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
-    def add_negative(pair, random_number):
-        anchor, positive, index = pair
-        # The same rule as `choose_negatives`, from one random integer per triplet.
-        other_pair = tf.math.floormod(random_number // 2, pair_count - 1)
-        other_pair += tf.cast(other_pair >= index, tf.int64)
-        side = tf.math.floormod(random_number, 2)
-        return anchor, positive, tf.gather(pool, other_pair + side * pair_count)
 
-    dataset = tf.data.Dataset.zip(dataset, random_numbers)
-    return dataset.map(add_negative, num_parallel_calls=tf.data.AUTOTUNE)
+def validation_triplet_indices(negative_indices):
+    """A `tf.data` dataset of the fixed validation triplets as indices, in order."""
+    negative_indices = np.asarray(negative_indices, np.int64)
+    pair_count = len(negative_indices)
+    return tf.data.Dataset.from_tensor_slices(
+        (np.arange(pair_count), np.arange(pair_count) + pair_count, negative_indices)
+    )
 
 
 def validation_triplets(anchor_images, positive_images, negative_indices):
@@ -609,7 +633,8 @@ def build_embedding_network(image_size=target_shape, weights="imagenet"):
     dense1 = layers.BatchNormalization()(dense1)
     dense2 = layers.Dense(256, activation="relu")(dense1)
     dense2 = layers.BatchNormalization()(dense2)
-    output = layers.Dense(256)(dense2)
+    # float32 even under mixed precision: the embeddings and their distances stay exact.
+    output = layers.Dense(256, dtype="float32")(dense2)
     return keras.Model(inputs, output, name="Embedding")
 
 
@@ -647,18 +672,24 @@ class DistanceLayer(layers.Layer):
     """The squared L2 distances anchor-positive and anchor-negative, one per triplet."""
 
     def call(self, anchor, positive, negative):
+        # Computed in float32 whatever the inputs: float16 squares overflow early.
+        anchor, positive, negative = (ops.cast(x, "float32") for x in (anchor, positive, negative))
         ap_distance = ops.sum(ops.square(anchor - positive), -1)
         an_distance = ops.sum(ops.square(anchor - negative), -1)
         return (ap_distance, an_distance)
 
 
-def build_siamese_network(embedding, image_size=target_shape):
-    """Three image inputs, one shared embedding model, the two distances as output."""
-    input_shape = tuple(image_size) + (3,)
+def build_siamese_network(embedding):
+    """Three inputs, one shared embedding model, the two distances as output.
+
+    The inputs have the shape the embedding model takes: images, or for the tail of
+    `split_embedding_network`, the frozen trunk's features.
+    """
+    input_shape = tuple(embedding.input.shape[1:])
     anchor_input = keras.Input(name="anchor", shape=input_shape)
     positive_input = keras.Input(name="positive", shape=input_shape)
     negative_input = keras.Input(name="negative", shape=input_shape)
-    distances = DistanceLayer(name="distances")(
+    distances = DistanceLayer(name="distances", dtype="float32")(
         embedding(anchor_input),
         embedding(positive_input),
         embedding(negative_input),
@@ -706,8 +737,15 @@ class SiameseModel(keras.Model):
         # GradientTape records the forward pass, to differentiate the loss afterwards.
         with tf.GradientTape() as tape:
             loss = self._compute_triplet_loss(data, training=True)
+            # Under tf.distribute each replica has a slice of the batch and the gradients
+            # are summed over replicas: dividing each replica's mean by their number makes
+            # the sum the gradient of the mean over the global batch.
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            # Under mixed precision the optimizer is a LossScaleOptimizer: the scaled loss
+            # keeps float16 gradients from underflowing, and apply_gradients unscales them.
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
         trainable_weights = self.siamese_network.trainable_weights
-        gradients = tape.gradient(loss, trainable_weights)
+        gradients = tape.gradient(scaled_loss, trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, trainable_weights, strict=True))
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
@@ -732,8 +770,15 @@ class SiameseModel(keras.Model):
 
 
 def train(siamese_model, train_dataset, val_dataset, settings, callbacks=()):
-    """Compile with Adam and fit, validating on the fixed validation triplets."""
-    siamese_model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate))
+    """Compile with Adam and fit, validating on the fixed validation triplets.
+
+    `settings.jit_compile` None leaves XLA to Keras ("auto": on with a GPU, off on CPU).
+    """
+    jit_compile = getattr(settings, "jit_compile", None)
+    siamese_model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        jit_compile="auto" if jit_compile is None else jit_compile,
+    )
     return siamese_model.fit(
         train_dataset,
         epochs=settings.epochs,
@@ -795,13 +840,7 @@ def recall_at_k(distance_matrix, ks=(1, 5, 10)):
 
 def embed_images(embedding, filenames, image_size=target_shape, batch_size=batch_size):
     """The embedding of every image file, as a NumPy array (one row per file)."""
-    dataset = tf.data.Dataset.from_tensor_slices(list(filenames))
-    dataset = dataset.map(
-        lambda filename: preprocess_image(filename, image_size),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    return embedding.predict(dataset, verbose=0)
+    return embedding.predict(image_batches(filenames, image_size, batch_size), verbose=0)
 
 
 def evaluate_embedding_network(
@@ -820,6 +859,16 @@ def evaluate_embedding_network(
     """
     anchors = embed_images(embedding, anchor_images, image_size, batch_size)
     positives = embed_images(embedding, positive_images, image_size, batch_size)
+    return evaluate_embeddings(anchors, positives, negative_indices)
+
+
+def evaluate_embeddings(anchors, positives, negative_indices):
+    """`evaluate_embedding_network`'s figures from the embeddings of the validation pairs.
+
+    `negative_indices` index `anchors + positives`, as `choose_negatives` draws them.
+    """
+    anchors = np.asarray(anchors, np.float32)
+    positives = np.asarray(positives, np.float32)
     negatives = np.concatenate([anchors, positives])[np.asarray(negative_indices)]
     ap_distances = np.sum((anchors - positives) ** 2, axis=1)
     an_distances = np.sum((anchors - negatives) ** 2, axis=1)
@@ -834,6 +883,147 @@ def evaluate_embedding_network(
         "negative_similarities": cosine_similarities(anchors, negatives),
         "distance_matrix": distance_matrix,
     }
+
+
+# ---------------------------------------------------------------------------
+# What this port adds: decode every image once, cache the frozen trunk's features
+# ---------------------------------------------------------------------------
+
+# A store larger than this share of the available memory goes to a file on disk.
+memory_share_for_stores = 0.5
+
+
+def available_memory():
+    """Bytes of memory available to this process (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def new_store(shape, dtype, folder=None, memory_budget=None):
+    """An uninitialised array for cached images or features: in memory if it fits.
+
+    It fits when it takes at most `memory_budget` bytes (default: half the available
+    memory). Otherwise it is a memory-mapped `.npy` file in `folder`, which the operating
+    system pages in and out as the training reads it.
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if memory_budget is None:
+        available = available_memory()
+        memory_budget = size if available is None else available * memory_share_for_stores
+    if size <= memory_budget:
+        return np.empty(shape, dtype)
+    if folder is None:
+        raise ValueError(
+            f"a cache of {size / 1e9:.1f} GB does not fit in memory and no folder was given"
+        )
+    handle, path = tempfile.mkstemp(dir=folder, prefix="store-", suffix=".npy")
+    os.close(handle)
+    print(f"Caching {size / 1e9:.1f} GB on disk in {path} (too large for memory)", flush=True)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+
+
+def image_batches(filenames, image_size=target_shape, batch_size=batch_size):
+    """A `tf.data` dataset of the image files, decoded as `preprocess_image` does, in order."""
+    dataset = tf.data.Dataset.from_tensor_slices(list(filenames))
+    dataset = dataset.map(
+        lambda filename: preprocess_image(filename, image_size),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def decode_images_once(filenames, image_size=target_shape, folder=None, batch_size=batch_size):
+    """Decode and resize every image file once, into a store (one row per file).
+
+    The example decodes and resizes the three images of every triplet in every epoch; an
+    image is in about three triplets per epoch, so some thirty decodes over the example's
+    ten epochs. The store keeps the float32 pixels `preprocess_image` gives, so training
+    on it computes exactly what the example computes.
+    """
+    filenames = list(filenames)
+    store = new_store((len(filenames), *image_size, 3), np.float32, folder)
+    start = 0
+    for batch in image_batches(filenames, image_size, batch_size).as_numpy_iterator():
+        store[start : start + len(batch)] = batch
+        start += len(batch)
+    return store
+
+
+def compute_trunk_features(
+    trunk, filenames, image_size=target_shape, folder=None, batch_size=batch_size
+):
+    """Run the frozen trunk once over every image file; return a store of its features.
+
+    The features keep the trunk's output dtype (float32, or float16 under mixed precision),
+    so training on them computes exactly what training on the images would.
+    """
+    filenames = list(filenames)
+    output = trunk.output
+    store = new_store((len(filenames), *output.shape[1:]), output.dtype, folder)
+    start = 0
+    for batch in image_batches(filenames, image_size, batch_size):
+        features = ops.convert_to_numpy(trunk(batch, training=False))
+        store[start : start + len(features)] = features
+        start += len(features)
+    return store
+
+
+def gather_rows(store, indices):
+    """Rows `indices` of a store, as a tensor (inside a `tf.data` map).
+
+    NumPy does the gathering, so a store memory-mapped from disk works as well as one in
+    memory.
+    """
+    rows = tf.numpy_function(
+        lambda batch: np.asarray(store[batch]), [indices], tf.as_dtype(store.dtype), stateful=False
+    )
+    return tf.ensure_shape(rows, (None, *store.shape[1:]))
+
+
+def make_store_dataset(store, triplet_indices, batch_size=batch_size):
+    """Batches of (anchor, positive, negative) rows of `store`, for index triplets."""
+    dataset = triplet_indices.batch(batch_size, drop_remainder=False)
+    dataset = dataset.map(
+        lambda anchor, positive, negative: tuple(
+            gather_rows(store, indices) for indices in (anchor, positive, negative)
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def embed_store(network, store, batch_size=batch_size):
+    """`network` applied to every row of a store of images or features, as a NumPy array."""
+    dataset = tf.data.Dataset.range(len(store)).batch(batch_size)
+    dataset = dataset.map(
+        lambda indices: gather_rows(store, indices), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return network.predict(dataset.prefetch(tf.data.AUTOTUNE), verbose=0)
+
+
+def pipeline_throughput(dataset, batches):
+    """Triplets per second that a dataset of triplet batches delivers, with no model."""
+    iterator = iter(dataset)
+    next(iterator)  # warm-up: the first batch pays for starting the threads
+    count = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        try:
+            count += len(next(iterator)[0])
+        except StopIteration:
+            break
+    elapsed = time.perf_counter() - start
+    return count / elapsed if elapsed > 0 else float("inf")
 
 
 # ---------------------------------------------------------------------------
@@ -1078,6 +1268,9 @@ def prepare_output_dir(output_dir, resume=False, overwrite=False, dry_run=False)
     if not backup_dir.exists():
         # No backup to continue from: rows of an older attempt would be stale.
         (output_dir / "history-progress.csv").unlink(missing_ok=True)
+    # Caches of a run that was killed before it could remove them; no run uses them now.
+    for stale_cache in output_dir.glob(".cache-*"):
+        shutil.rmtree(stale_cache, ignore_errors=True)
     return output_dir
 
 
@@ -1301,6 +1494,33 @@ def build_argument_parser():
     )
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument(
+        "--cache-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the frozen part of ResNet50 once per image and train the rest on its "
+        "cached features (default on; --no-cache-features runs the whole network every "
+        "step)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        help="compute in float16, keep weights, distances and loss in float32 (default: on "
+        "when TensorFlow sees a GPU, off otherwise)",
+    )
+    parser.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        help="compile the training step with XLA (default: Keras decides, on with a GPU)",
+    )
+    parser.add_argument(
+        "--distribute",
+        choices=("auto", "none", "mirrored"),
+        default="auto",
+        help="auto mirrors training over the GPUs when more than one is visible; mirrored "
+        "forces tf.distribute.MirroredStrategy (over the CPU's logical devices without a "
+        "GPU); none trains on one device (default auto)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help=f"quick offline check: {dry_run_pairs} generated pairs in a temporary folder "
@@ -1334,6 +1554,8 @@ def resolve_settings(args):
         args.output_dir = args.output_dir or DEFAULT_OUTPUT_DIR
     if args.weights == "none":
         args.weights = None
+    if args.mixed_precision is None:
+        args.mixed_precision = bool(tf.config.list_physical_devices("GPU"))
     if args.weights not in (None, "imagenet") and not pathlib.Path(args.weights).is_file():
         raise ValueError(
             f"--weights {args.weights}: no such file (give imagenet, none or the path of a "
@@ -1342,9 +1564,61 @@ def resolve_settings(args):
     return args
 
 
-def _device_line():
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"Device: GPU ({len(gpus)} visible)" if gpus else "Device: CPU"
+def choose_strategy(name):
+    """The `tf.distribute` strategy for `--distribute` and a line describing it.
+
+    `auto` mirrors over the GPUs when more than one is visible. `mirrored` without GPUs
+    mirrors over the logical CPU devices (useful for testing the distributed path).
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "none"
+    device = f"GPU ({len(gpus)} visible)" if gpus else "CPU"
+    if name == "none":
+        return tf.distribute.get_strategy(), f"Device: {device}"
+    devices = gpus or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([logical.name for logical in devices])
+    replicas = strategy.num_replicas_in_sync
+    return strategy, f"Device: {device}, MirroredStrategy over {replicas} replicas"
+
+
+def resume_settings(args):
+    """The settings a resumed run must share with the run it continues.
+
+    They decide the shapes of the saved training state or what it means; --epochs,
+    --distribute, --jit-compile and the output options may change.
+    """
+    return {
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "margin": args.margin,
+        "learning_rate": args.learning_rate,
+        "weights": None if args.weights is None else str(args.weights),
+        "cache_features": bool(args.cache_features),
+        "mixed_precision": bool(args.mixed_precision),
+    }
+
+
+def _check_resumed_settings(output_dir, settings):
+    """A resumed run must use the settings of the run it continues."""
+    path = output_dir / "settings.json"
+    if not (output_dir / "backup").exists() or not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    changed = [
+        f"--{key.replace('_', '-')} {earlier.get(key)} -> {value}"
+        for key, value in settings.items()
+        if earlier.get(key) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"the interrupted run in {output_dir} used other settings "
+            f"({', '.join(changed)}); rerun its exact command with --resume, or pass "
+            "--overwrite to start over"
+        )
 
 
 def _check_resumed_split(output_dir, split):
@@ -1379,7 +1653,8 @@ def load_pairs(data_dir, limit=None):
 def run(args):
     """Load the data, train, evaluate and save, according to the parsed arguments."""
     resolve_settings(args)
-    print(_device_line(), flush=True)
+    strategy, device_line = choose_strategy(args.distribute)
+    print(device_line, flush=True)
     keras.utils.set_random_seed(args.seed)
     with contextlib.ExitStack() as stack:
         if args.data_dir is not None:
@@ -1413,8 +1688,11 @@ def run(args):
             flush=True,
         )
         output_dir = prepare_output_dir(args.output_dir, args.resume, args.overwrite, args.dry_run)
+        policy = keras.mixed_precision.dtype_policy()
         try:
-            return train_and_evaluate(args, data, output_dir)
+            if args.mixed_precision:
+                keras.mixed_precision.set_global_policy("mixed_float16")
+            return train_and_evaluate(args, data, output_dir, strategy)
         except KeyboardInterrupt:
             if (output_dir / "backup" / "training_metadata.json").exists():
                 message = (
@@ -1424,50 +1702,80 @@ def run(args):
             else:
                 message = "interrupted before the first epoch finished; nothing to resume"
             raise KeyboardInterrupt(message) from None
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
 
 
-def train_and_evaluate(args, data, output_dir):
+def train_and_evaluate(args, data, output_dir, strategy=None):
     """Train on the prepared pairs, evaluate before and after, write every output."""
+    strategy = strategy or tf.distribute.get_strategy()
     image_size = (args.image_size, args.image_size)
     split = {
         "train": [os.path.basename(name) for name in data.train_anchors],
         "validation": [os.path.basename(name) for name in data.val_anchors],
     }
+    settings = resume_settings(args)
     _check_resumed_split(output_dir, split)
+    _check_resumed_settings(output_dir, settings)
     write_json(split, output_dir / "split.json")
-
-    train_dataset = make_dataset(
-        training_triplets(data.train_anchors, data.train_positives, args.seed),
-        image_size,
-        args.batch_size,
-    )
-    val_dataset = make_dataset(
-        validation_triplets(data.val_anchors, data.val_positives, data.val_negatives),
-        image_size,
-        args.batch_size,
-    )
+    write_json(settings, output_dir / "settings.json")
     if not args.no_plots:
-        visualize(*next(iter(train_dataset)), path=output_dir / "triplets.png")
+        examples = make_dataset(
+            training_triplets(data.train_anchors, data.train_positives, args.seed), image_size, 3
+        )
+        visualize(*next(iter(examples)), path=output_dir / "triplets.png")
 
-    embedding = build_embedding_network(image_size, args.weights)
-    siamese_network = build_siamese_network(embedding, image_size)
-    siamese_model = SiameseModel(siamese_network, margin=args.margin)
-
-    def evaluate():
-        return evaluate_embedding_network(
-            embedding,
-            data.val_anchors,
-            data.val_positives,
-            data.val_negatives,
-            image_size,
+    # Caches too large for memory go to disk in this folder, removed when the run ends.
+    with (
+        tempfile.TemporaryDirectory(dir=output_dir, prefix=".cache-") as cache_folder,
+        strategy.scope(),
+    ):
+        embedding = build_embedding_network(image_size, args.weights)
+        started = time.perf_counter()
+        train_files = data.train_anchors + data.train_positives
+        val_files = data.val_anchors + data.val_positives
+        if args.cache_features:
+            trunk, network = split_embedding_network(embedding)
+            train_store, val_store = (
+                compute_trunk_features(trunk, files, image_size, cache_folder, args.batch_size)
+                for files in (train_files, val_files)
+            )
+        else:
+            network = embedding
+            train_store, val_store = (
+                decode_images_once(files, image_size, cache_folder, args.batch_size)
+                for files in (train_files, val_files)
+            )
+        seconds_caching = time.perf_counter() - started
+        what = "features of the frozen trunk" if args.cache_features else "decoded images"
+        print(
+            f"Cached the {what} of {len(train_store) + len(val_store)} images "
+            f"({(train_store.nbytes + val_store.nbytes) / 1e6:,.1f} MB) in "
+            f"{seconds_caching:.1f} s",
+            flush=True,
+        )
+        train_dataset = make_store_dataset(
+            train_store,
+            training_triplet_indices(len(data.train_anchors), args.seed),
             args.batch_size,
         )
+        val_dataset = make_store_dataset(
+            val_store, validation_triplet_indices(data.val_negatives), args.batch_size
+        )
+        siamese_model = SiameseModel(build_siamese_network(network), margin=args.margin)
 
-    before = evaluate()
-    callbacks = training_callbacks(output_dir)
-    train(siamese_model, train_dataset, val_dataset, args, callbacks)
-    timer = callbacks[-1]
-    after = evaluate()
+        def evaluate():
+            embeddings = embed_store(network, val_store, args.batch_size)
+            pair_count = len(data.val_anchors)
+            return evaluate_embeddings(
+                embeddings[:pair_count], embeddings[pair_count:], data.val_negatives
+            )
+
+        before = evaluate()
+        callbacks = training_callbacks(output_dir)
+        train(siamese_model, train_dataset, val_dataset, args, callbacks)
+        timer = callbacks[-1]
+        after = evaluate()
     history_rows = final_history(output_dir)
 
     # Inspecting what the network has learned, triplet by triplet.
@@ -1491,6 +1799,7 @@ def train_and_evaluate(args, data, output_dir):
         "positive_similarity": float(np.mean(after["positive_similarities"])),
         "negative_similarity": float(np.mean(after["negative_similarities"])),
         "seconds_per_epoch": float(np.mean(timer.durations)) if timer.durations else None,
+        "seconds_caching": seconds_caching,
         "epochs": len(history_rows),
         "training_pairs": len(data.train_anchors),
         "validation_pairs": len(data.val_anchors),
@@ -1501,6 +1810,10 @@ def train_and_evaluate(args, data, output_dir):
         "learning_rate": args.learning_rate,
         "weights": None if args.weights is None else str(args.weights),
         "seed": args.seed,
+        "cache_features": bool(args.cache_features),
+        "mixed_precision": bool(args.mixed_precision),
+        "jit_compile": args.jit_compile,
+        "replicas": strategy.num_replicas_in_sync,
         "dry_run": bool(args.dry_run),
     }
     write_outputs(args, data, output_dir, embedding, history_rows, before, after, metrics)

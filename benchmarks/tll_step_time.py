@@ -1,10 +1,14 @@
 """Seconds per training step of the triplet model, as triplet_totally_looks_like.py trains it.
 
 Builds the script's Siamese model at 200 x 200 with ResNet50 weights `none`, compiles it as
-the script does (Adam, 0.0001) and times `fit()` steps on one fixed batch of random
-images of 32 triplets, after warm-up steps, on whatever device TensorFlow picks.
+the script does (Adam, 0.0001) and times `fit()` steps on one fixed batch of 32 random
+triplets, after warm-up steps. The configuration is the script's default on this machine
+(with `--cache-features`: the frozen trunk runs once on the batch, outside the timed steps,
+and the steps train the tail on its features); the flags select the others. The losses of
+the steps are printed too: every configuration must give the same ones.
 
     python benchmarks/tll_step_time.py --steps 5
+    python benchmarks/tll_step_time.py --steps 5 --no-cache-features
 """
 
 import argparse
@@ -20,36 +24,48 @@ import triplet_totally_looks_like as tll  # noqa: E402
 
 
 class _BatchTimer(tll.keras.callbacks.Callback):
-    """Wall time of each training batch."""
+    """Wall time and loss of each training batch."""
 
     def on_train_begin(self, logs=None):
         self.durations = []
+        self.losses = []
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.durations.append(time.perf_counter() - self._start)
+        self.losses.append(float(logs["loss"]))
 
 
-def step_times(steps, warmup, image_size, batch_size):
-    """Build and compile the model; return the wall time of each timed training step."""
+def step_times(args):
+    """Build and compile the model; return the timer of the training steps and the setup time."""
+    if args.mixed_precision:
+        tll.keras.mixed_precision.set_global_policy("mixed_float16")
     tll.keras.utils.set_random_seed(0)
-    embedding = tll.build_embedding_network((image_size, image_size), weights=None)
-    siamese_network = tll.build_siamese_network(embedding, (image_size, image_size))
-    siamese_model = tll.SiameseModel(siamese_network)
-    siamese_model.compile(optimizer=tll.keras.optimizers.Adam(tll.learning_rate))
+    image_size = (args.image_size, args.image_size)
+    embedding = tll.build_embedding_network(image_size, weights=None)
     rng = np.random.default_rng(0)
-    shape = (batch_size, image_size, image_size, 3)
+    shape = (args.batch_size, *image_size, 3)
     batch = tuple(rng.uniform(0, 255, shape).astype("float32") for _ in range(3))
+    network = embedding
+    started = time.perf_counter()
+    if args.cache_features:
+        trunk, network = tll.split_embedding_network(embedding)
+        batch = tuple(tll.ops.convert_to_numpy(trunk(images, training=False)) for images in batch)
+    setup_seconds = time.perf_counter() - started
+    siamese_model = tll.SiameseModel(tll.build_siamese_network(network))
+    siamese_model.compile(
+        optimizer=tll.keras.optimizers.Adam(tll.learning_rate),
+        jit_compile="auto" if args.jit_compile is None else args.jit_compile,
+    )
     # fit() on a repeated batch runs the script's own train_step, as in training.
     dataset = tll.tf.data.Dataset.from_tensors(batch).repeat()
     timer = _BatchTimer()
     siamese_model.fit(
-        dataset, steps_per_epoch=warmup + steps, epochs=1, callbacks=[timer], verbose=0
+        dataset, steps_per_epoch=args.warmup + args.steps, epochs=1, callbacks=[timer], verbose=0
     )
-    durations = timer.durations[warmup:]
-    return durations
+    return timer, setup_seconds
 
 
 def main(argv=None):
@@ -59,8 +75,29 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (default 2)")
     parser.add_argument("--image-size", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction)
     args = parser.parse_args(argv)
-    durations = step_times(args.steps, args.warmup, args.image_size, args.batch_size)
+    if args.mixed_precision is None:
+        args.mixed_precision = bool(tll.tf.config.list_physical_devices("GPU"))
+    timer, setup_seconds = step_times(args)
+    print(
+        f"cache_features {args.cache_features} mixed_precision {args.mixed_precision} "
+        f"jit_compile {args.jit_compile}"
+    )
+    if args.cache_features:
+        print(
+            f"seconds_trunk_features {setup_seconds:.3f} "
+            f"(once, for the 3 x {args.batch_size} images)"
+        )
+    # Keras logs the running mean of the epoch's losses; each step's own loss follows from it.
+    means = np.array(timer.losses)
+    losses = means * np.arange(1, len(means) + 1) - np.concatenate(
+        [[0.0], means[:-1] * np.arange(1, len(means))]
+    )
+    print("losses:", " ".join(f"{loss:.5f}" for loss in losses))
+    durations = timer.durations[args.warmup :]
     print("steps:", " ".join(f"{seconds:.2f}" for seconds in durations))
     print(f"seconds_per_step {statistics.median(durations):.3f}")
     return 0

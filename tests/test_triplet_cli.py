@@ -81,6 +81,7 @@ def test_dry_run_writes_every_output(dry_run):
         "history.csv",
         "metrics.json",
         "split.json",
+        "settings.json",
         "similarities.csv",
         "triplets.png",
         "loss.png",
@@ -402,6 +403,7 @@ def test_odd_files_train_corrupt_pairs_are_skipped_and_ctrl_c_resumes(tmp_path):
         "embedding.keras",
         "history.csv",
         "metrics.json",
+        "settings.json",
         "similarities.csv",
         "split.json",
     ]

@@ -376,7 +376,7 @@ def test_split_embedding_network_composes_to_the_embedding(embedding):
 def _siamese_model(seed=0, learning_rate=1e-3):
     keras.utils.set_random_seed(seed)
     embedding = tll.build_embedding_network((SIZE, SIZE), weights=None)
-    siamese_model = tll.SiameseModel(tll.build_siamese_network(embedding, (SIZE, SIZE)))
+    siamese_model = tll.SiameseModel(tll.build_siamese_network(embedding))
     siamese_model.compile(optimizer=keras.optimizers.Adam(learning_rate))
     return siamese_model, embedding
 
