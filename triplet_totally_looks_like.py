@@ -12,8 +12,9 @@ after 10 epochs.
 
 The sections follow the example: setup, load the dataset, prepare the data, set up the
 embedding generator model, set up the Siamese network, putting everything together,
-inspecting what the network has learned. What this port adds (synthetic data, evaluation,
-plots, safe outputs, command line) comes after them.
+inspecting what the network has learned. What this port adds (decoding each image once and
+caching the frozen trunk's features, synthetic data, plots, safe outputs, command line) comes
+after them.
 
     python triplet_totally_looks_like.py                     # the example: download, 10 epochs
     python triplet_totally_looks_like.py --data-dir DIR      # DIR holds left/ and right/
