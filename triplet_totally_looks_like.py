@@ -489,24 +489,16 @@ def training_triplets(anchor_images, positive_images, seed=seed):
 
 
 def validation_triplet_indices(negative_indices):
-    """A `tf.data` dataset of the fixed validation triplets as indices, in order."""
+    """A `tf.data` dataset of the fixed validation triplets as indices, in order.
+
+    Pair i is (i, pair_count + i), with the negative `negative_indices[i]` chosen once
+    (`choose_negatives`), so every epoch's val_loss is measured on the same triplets and
+    can be compared from epoch to epoch.
+    """
     negative_indices = np.asarray(negative_indices, np.int64)
     pair_count = len(negative_indices)
     return tf.data.Dataset.from_tensor_slices(
         (np.arange(pair_count), np.arange(pair_count) + pair_count, negative_indices)
-    )
-
-
-def validation_triplets(anchor_images, positive_images, negative_indices):
-    """A `tf.data` dataset of fixed (anchor, positive, negative) file names, in order.
-
-    The negatives are chosen once (`choose_negatives`), so every epoch's val_loss is
-    measured on the same triplets and can be compared from epoch to epoch.
-    """
-    pool = np.array(list(anchor_images) + list(positive_images))
-    negatives = pool[np.asarray(negative_indices)]
-    return tf.data.Dataset.from_tensor_slices(
-        (list(anchor_images), list(positive_images), list(negatives))
     )
 
 
@@ -673,8 +665,6 @@ class DistanceLayer(layers.Layer):
     """The squared L2 distances anchor-positive and anchor-negative, one per triplet."""
 
     def call(self, anchor, positive, negative):
-        # Computed in float32 whatever the inputs: float16 squares overflow early.
-        anchor, positive, negative = (ops.cast(x, "float32") for x in (anchor, positive, negative))
         ap_distance = ops.sum(ops.square(anchor - positive), -1)
         an_distance = ops.sum(ops.square(anchor - negative), -1)
         return (ap_distance, an_distance)
@@ -690,6 +680,8 @@ def build_siamese_network(embedding):
     anchor_input = keras.Input(name="anchor", shape=input_shape)
     positive_input = keras.Input(name="positive", shape=input_shape)
     negative_input = keras.Input(name="negative", shape=input_shape)
+    # float32 under mixed precision too (the layer casts its inputs): float16 squares
+    # overflow early.
     distances = DistanceLayer(name="distances", dtype="float32")(
         embedding(anchor_input),
         embedding(positive_input),
@@ -844,29 +836,13 @@ def embed_images(embedding, filenames, image_size=target_shape, batch_size=batch
     return embedding.predict(image_batches(filenames, image_size, batch_size), verbose=0)
 
 
-def evaluate_embedding_network(
-    embedding,
-    anchor_images,
-    positive_images,
-    negative_indices,
-    image_size=target_shape,
-    batch_size=batch_size,
-):
-    """Triplet accuracy, retrieval recall and similarities on the validation pairs.
-
-    Every image is embedded once. The triplets are the fixed validation triplets; for
-    retrieval, each anchor (`left`) ranks all validation positives (`right`) by distance,
-    the task of the dataset's paper.
-    """
-    anchors = embed_images(embedding, anchor_images, image_size, batch_size)
-    positives = embed_images(embedding, positive_images, image_size, batch_size)
-    return evaluate_embeddings(anchors, positives, negative_indices)
-
-
 def evaluate_embeddings(anchors, positives, negative_indices):
-    """`evaluate_embedding_network`'s figures from the embeddings of the validation pairs.
+    """Triplet accuracy, retrieval recall and similarities from the validation embeddings.
 
-    `negative_indices` index `anchors + positives`, as `choose_negatives` draws them.
+    `anchors[i]` and `positives[i]` embed the images of validation pair i, each image once;
+    `negative_indices` index `anchors + positives`, as `choose_negatives` draws them, and
+    give the fixed validation triplets. For retrieval, each anchor (`left`) ranks all
+    validation positives (`right`) by distance, the task of the dataset's paper.
     """
     anchors = np.asarray(anchors, np.float32)
     positives = np.asarray(positives, np.float32)
@@ -953,11 +929,7 @@ def decode_images_once(filenames, image_size=target_shape, folder=None, batch_si
     """
     filenames = list(filenames)
     store = new_store((len(filenames), *image_size, 3), np.float32, folder)
-    start = 0
-    for batch in image_batches(filenames, image_size, batch_size).as_numpy_iterator():
-        store[start : start + len(batch)] = batch
-        start += len(batch)
-    return store
+    return _fill_store(store, image_batches(filenames, image_size, batch_size).as_numpy_iterator())
 
 
 def compute_trunk_features(
@@ -971,11 +943,18 @@ def compute_trunk_features(
     filenames = list(filenames)
     output = trunk.output
     store = new_store((len(filenames), *output.shape[1:]), output.dtype, folder)
+    batches = image_batches(filenames, image_size, batch_size)
+    return _fill_store(
+        store, (ops.convert_to_numpy(trunk(batch, training=False)) for batch in batches)
+    )
+
+
+def _fill_store(store, batches):
+    """Write consecutive batches of rows into `store`, from its first row; return it."""
     start = 0
-    for batch in image_batches(filenames, image_size, batch_size):
-        features = ops.convert_to_numpy(trunk(batch, training=False))
-        store[start : start + len(features)] = features
-        start += len(features)
+    for batch in batches:
+        store[start : start + len(batch)] = batch
+        start += len(batch)
     return store
 
 
@@ -1381,21 +1360,22 @@ def _positive_int(text):
     return value
 
 
-def _positive_float(text):
+def _number(text):
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _positive_float(text):
+    value = _number(text)
     if not (value > 0 and np.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
@@ -1600,14 +1580,21 @@ def resume_settings(args):
     }
 
 
+def _interrupted_run_record(output_dir, name):
+    """The JSON file `name` of the interrupted run in `output_dir`; None if there is none."""
+    path = output_dir / name
+    if not (output_dir / "backup").exists() or not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _check_resumed_settings(output_dir, settings):
     """A resumed run must use the settings of the run it continues."""
-    path = output_dir / "settings.json"
-    if not (output_dir / "backup").exists() or not path.exists():
-        return
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
+    earlier = _interrupted_run_record(output_dir, "settings.json")
+    if earlier is None:
         return
     changed = [
         f"--{key.replace('_', '-')} {earlier.get(key)} -> {value}"
@@ -1624,14 +1611,8 @@ def _check_resumed_settings(output_dir, settings):
 
 def _check_resumed_split(output_dir, split):
     """A resumed run must train on the same split as the run it continues."""
-    path = output_dir / "split.json"
-    if not (output_dir / "backup").exists() or not path.exists():
-        return
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if earlier != split:
+    earlier = _interrupted_run_record(output_dir, "split.json")
+    if earlier is not None and earlier != split:
         raise ValueError(
             f"the pairs or their split differ from those of the interrupted run in "
             f"{output_dir} (data, --limit, --validation-split or --seed changed); rerun "

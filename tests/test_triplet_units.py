@@ -232,15 +232,16 @@ def test_training_and_validation_triplets_stay_apart_over_epochs():
     val_anchors = [anchors[i] for i in val_indices]
     val_positives = [positives[i] for i in val_indices]
     train_set = tll.training_triplets(train_anchors, train_positives, seed=1)
-    val_set = tll.validation_triplets(
-        val_anchors, val_positives, tll.choose_negatives(len(val_anchors), 1)
-    )
+    val_pool = val_anchors + val_positives
+    val_set = tll.validation_triplet_indices(tll.choose_negatives(len(val_anchors), 1))
     train_pairs = {_pair_number(name) for name in train_anchors}
     val_pairs = {_pair_number(name) for name in val_anchors}
     orders, negative_draws, val_epochs = [], [], []
     for _ in range(4):
         train_epoch = _iterate_names(train_set)
-        val_epoch = _iterate_names(val_set)
+        val_epoch = [
+            tuple(val_pool[index] for index in triplet) for triplet in val_set.as_numpy_iterator()
+        ]
         # Every training pair once per epoch; every image of every triplet from its side.
         assert sorted(_pair_number(a) for a, _, _ in train_epoch) == sorted(train_pairs)
         assert {_pair_number(name) for triplet in train_epoch for name in triplet} <= train_pairs
