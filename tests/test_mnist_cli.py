@@ -160,7 +160,7 @@ def test_dry_run_writes_its_files(dry_run):
 
 
 def test_dry_run_history_and_metrics(dry_run):
-    cwd, _ = dry_run
+    cwd, result = dry_run
     output_dir = cwd / DRY_RUN_DIR
     history = read_history(output_dir)
     assert len(history) == 1
@@ -176,6 +176,9 @@ def test_dry_run_history_and_metrics(dry_run):
     assert metrics["seconds_per_epoch"] > 0
     assert metrics["best_threshold"] > 0
     assert metrics["test_accuracy"] >= 0.75, metrics
+    # The MLP on a machine without a GPU runs one thread per operation (measured faster).
+    expected_threads = 1 if result.stdout.startswith("Device: CPU") else 0
+    assert metrics["intra_op_threads"] == expected_threads, metrics
     # The validation accuracy Keras logged is the same threshold on the same test pairs
     # (but with dropout off in both): it must agree with the final test accuracy.
     assert float(history[0]["val_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=2e-3)

@@ -194,6 +194,8 @@ def test_limit_that_leaves_a_digit_short(capsys, tiny):
         ("--margin", "nan"),
         ("--margin", "inf"),
         ("--learning-rate", "0"),
+        ("--intra-op-threads", "-1"),
+        ("--intra-op-threads", "1.5"),
     ],
 )
 def test_non_positive_numbers(capsys, option, value):

@@ -18,6 +18,7 @@ FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
 sys.path.insert(0, str(REPOSITORY))
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
 import mnist_siamese  # noqa: E402
@@ -302,6 +303,18 @@ def test_make_pair_dataset_gathers_scaled_images_in_order():
     np.testing.assert_allclose(seconds, expected_b, rtol=1e-6)
     assert firsts.min() >= 0.0 and firsts.max() == pytest.approx(1.0)
     np.testing.assert_array_equal(np.concatenate(got_labels).ravel(), labels)
+
+
+def test_pair_and_evaluation_pipelines_run_without_autotuning():
+    images = np.zeros((4, 28, 28), np.uint8)
+    pairs = np.array([[0, 1], [2, 3]], np.int32)
+    labels = np.array([1.0, 0.0], np.float32)
+    for seed in (None, 5):
+        dataset = mnist_siamese.make_pair_dataset(images, pairs, labels, 2, seed=seed)
+        assert dataset.options().autotune.enabled is False
+    plain = tf.data.Dataset.range(3)
+    assert plain.options().autotune.enabled is not False
+    assert mnist_siamese.without_autotuning(plain).options().autotune.enabled is False
 
 
 def test_make_pair_dataset_with_seed_visits_every_pair_once_per_epoch():
