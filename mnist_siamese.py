@@ -842,7 +842,7 @@ def configure_threads(requested, network):
     `requested` None picks 1 for the MLP on a machine without a GPU, and TensorFlow's own
     choice (0: one thread per core) otherwise. Each of the MLP's matrix products (128 pairs
     by 784 by 128) is too small to gain from being split: on 2 cores, one thread per
-    operation, with the two branches running side by side, measured 0.55-0.64 s per
+    operation, with the two branches running side by side, measured 0.53-0.64 s per
     training epoch against 0.79-0.97 s. The convnet's products do gain (43-57 s per epoch
     against 75 s with one thread).
 

@@ -1,8 +1,12 @@
 """The original Keras 2 MNIST Siamese example's procedure, as a baseline to time against.
 
-    pip install tf_keras            # Keras 2, beside TensorFlow; not a project dependency
-    python benchmarks/timed.py --runs 3 -- \\
-        python benchmarks/original_mnist_siamese.py --data ../shared/data/mnist-partial.npz
+    # Keras 2 in its own environment, so that its install cannot move TensorFlow's version;
+    # it is not a project dependency.
+    python -m venv --system-site-packages /tmp/venv-legacy
+    /tmp/venv-legacy/bin/pip install --no-deps "tf_keras==$(python -c \\
+        'import tensorflow; print(tensorflow.__version__)')"
+    python benchmarks/timed.py --runs 3 -- /tmp/venv-legacy/bin/python \\
+        benchmarks/original_mnist_siamese.py --data ../shared/data/mnist-partial.npz
 
 This is not the original file: it re-creates, in the project's own code, what the original
 does that costs time and memory, so that both can be measured on the same machine. Pairs
