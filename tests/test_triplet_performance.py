@@ -96,6 +96,27 @@ def test_pipeline_throughput_counts_triplets():
     assert tll.pipeline_throughput(dataset, batches=3) > 0
 
 
+def test_store_batches_run_without_autotuning():
+    indices = tll.validation_triplet_indices(np.zeros(40, np.int64))
+    dataset = tll.make_store_dataset(np.zeros((80, 8), np.float32), indices, 8)
+    assert dataset.options().autotune.enabled is False
+    assert indices.options().autotune.enabled is not False
+    # Turning autotuning off changes neither the batches nor their order.
+    store = np.arange(80 * 8, dtype=np.float32).reshape(80, 8)
+    untuned = tll.make_store_dataset(store, indices, 8)
+    tuned = untuned.with_options(_autotuned())
+    assert tuned.options().autotune.enabled is True
+    for first, second in zip(untuned, tuned, strict=True):
+        for left, right in zip(first, second, strict=True):
+            np.testing.assert_array_equal(left.numpy(), right.numpy())
+
+
+def _autotuned():
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    return options
+
+
 # ---------------------------------------------------------------------------
 # Cached features: the same loss and gradients as the whole network
 # ---------------------------------------------------------------------------
