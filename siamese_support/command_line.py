@@ -1,0 +1,333 @@
+"""The scripts' command lines, and errors reported in one line with exit code 2.
+
+Both parsers live here rather than in the scripts so that `--help` and a mistyped option
+answer before Keras imports TensorFlow (about 5 s): a script reads its command line first,
+then imports Keras. The defaults are the tutorials' and come from the scripts.
+"""
+
+import argparse
+import contextlib
+import math
+import pathlib
+import sys
+
+
+class DownloadError(RuntimeError):
+    """A download failed: no network, or the server did not deliver the file."""
+
+
+def one_line(error):
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument parser that reports a mistake in one line and exits with code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class ExitStatus:
+    """The exit code of the block run under `one_line_errors`."""
+
+    code = 0
+
+
+@contextlib.contextmanager
+def one_line_errors(prog, interrupted="interrupted"):
+    """Turn the errors a user can cause into one line on stderr and an exit code.
+
+    `ValueError`, `OSError` and `DownloadError` give exit code 2; Ctrl-C gives 130 and its
+    message (the scripts raise `KeyboardInterrupt` with a message that says how to resume;
+    `interrupted` is said otherwise). Yields an `ExitStatus` whose `code` holds the result.
+    """
+    status = ExitStatus()
+    try:
+        yield status
+    except KeyboardInterrupt as interrupt:
+        print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
+        status.code = 130
+    except (ValueError, OSError, DownloadError) as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        status.code = 2
+
+
+def whole_number(minimum):
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            kind = "a positive number" if minimum == 1 else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number(1)
+
+
+def number(text):
+    """An argparse type: any number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text):
+    """An argparse type: a finite number above 0."""
+    value = number(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text):
+    """An argparse type: a number strictly between 0 and 1."""
+    value = number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def add_run_folder_options(parser, default_dir, dry_run_dir):
+    """`--output-dir`, `--no-plots`, `--resume` and `--overwrite`, the same in both scripts."""
+    parser.add_argument(
+        "--output-dir",
+        type=pathlib.Path,
+        metavar="DIR",
+        help=f"where the models, history, metrics and plots go (default {default_dir}; "
+        f"{dry_run_dir} with --dry-run)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --output-dir from its last finished epoch",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished or interrupted run in --output-dir",
+    )
+
+
+def add_distribute_option(parser):
+    """`--distribute`, the same in both scripts."""
+    parser.add_argument(
+        "--distribute",
+        choices=("auto", "none", "mirrored"),
+        default="auto",
+        help="auto mirrors training over the GPUs when more than one is visible; mirrored "
+        "forces tf.distribute.MirroredStrategy (over the CPU's logical devices without a "
+        "GPU); none trains on one device (default auto)",
+    )
+
+
+def mnist_parser(epochs, batch_size, dry_run_batch_size, margin, learning_rate, seed):
+    """The command line of `mnist_siamese.py`; the defaults come from the script."""
+    parser = ArgumentParser(
+        prog="mnist_siamese.py",
+        description="Train a Siamese network with a contrastive loss on MNIST pairs.",
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=epochs, help=f"epochs (default {epochs})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help=f"pairs per batch (default {batch_size}; {dry_run_batch_size} with --dry-run, "
+        "so that its one short epoch takes enough steps to learn)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=positive_float,
+        default=margin,
+        help="contrastive-loss margin: distance beyond which different digits cost "
+        f"nothing (default {margin})",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=positive_float,
+        default=learning_rate,
+        help=f"RMSprop learning rate (default {learning_rate})",
+    )
+    parser.add_argument(
+        "--network",
+        choices=("mlp", "conv"),
+        default="mlp",
+        help="embedding network: the example's MLP, or a small convnet (default mlp)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=seed,
+        help=f"seed for pairs, weights, dropout and shuffling (default {seed})",
+    )
+    parser.add_argument(
+        "--data",
+        type=pathlib.Path,
+        help="a mnist.npz-style file or a folder of the four official "
+        "*-idx?-ubyte.gz files (default: download MNIST through Keras)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        help="use only the first N training and the first N test images",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="quick check: 1 epoch on the small MNIST subset shipped in data/ "
+        "(5,000 training and 1,000 test digits), output in runs/mnist_siamese_dry_run "
+        "unless --output-dir is given",
+    )
+    add_run_folder_options(parser, "runs/mnist_siamese", "runs/mnist_siamese_dry_run")
+    add_distribute_option(parser)
+    parser.add_argument(
+        "--intra-op-threads",
+        type=whole_number(0),
+        help="threads TensorFlow gives one operation; 0 lets TensorFlow choose (default: "
+        "1 for the MLP without a GPU, where it measured faster, otherwise 0)",
+    )
+    return parser
+
+
+def image_size(minimum):
+    """An argparse type: an image side of at least `minimum` pixels."""
+
+    def parse(text):
+        value = positive_int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be at least {minimum} (the smallest input ResNet50 accepts), got {value}"
+            )
+        return value
+
+    return parse
+
+
+def weights(text):
+    """An argparse type: `imagenet`, `none` or a path (checked when the run starts)."""
+    # "none" stays a string: None means "not given" until the dry-run defaults are applied.
+    return text.lower() if text.lower() in ("imagenet", "none") else text
+
+
+def triplet_parser(defaults):
+    """The command line of `triplet_totally_looks_like.py`.
+
+    `defaults` maps names to the script's values: `epochs`, `batch_size`, `margin`,
+    `learning_rate`, `image_size`, `minimum_image_size`, `validation_split`, `seed`,
+    `dry_run_pairs`, `dry_run_image_size`.
+    """
+    parser = ArgumentParser(
+        prog="triplet_totally_looks_like.py",
+        description="Train a Siamese network with a triplet loss on Totally Looks Like.",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="a folder holding left/ and right/ (default: download the dataset into ~/.keras)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=weights,
+        metavar="{imagenet,none,PATH}",
+        help="ResNet50 weights: imagenet, none (random) or the path of a local .h5 / "
+        ".weights.h5 file (default imagenet; none with --dry-run)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        metavar="N",
+        help=f"epochs (default {defaults['epochs']}; 1 with --dry-run)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=defaults["batch_size"],
+        metavar="N",
+        help=f"triplets per batch (default {defaults['batch_size']})",
+    )
+    parser.add_argument(
+        "--margin",
+        type=positive_float,
+        metavar="MARGIN",
+        default=defaults["margin"],
+        help=f"triplet-loss margin (default {defaults['margin']})",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=positive_float,
+        metavar="RATE",
+        default=defaults["learning_rate"],
+        help=f"Adam learning rate (default {defaults['learning_rate']})",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=image_size(defaults["minimum_image_size"]),
+        metavar="N",
+        help=f"images are resized to N x N pixels, N >= {defaults['minimum_image_size']} "
+        f"(default {defaults['image_size']}; {defaults['dry_run_image_size']} with --dry-run)",
+    )
+    parser.add_argument(
+        "--validation-split",
+        type=fraction,
+        metavar="FRACTION",
+        default=defaults["validation_split"],
+        help=f"fraction of the pairs held out for validation (default "
+        f"{defaults['validation_split']})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=defaults["seed"],
+        help=f"seed for the split, negatives, shuffles and weights (default {defaults['seed']})",
+    )
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="use only the first N pairs (sorted by name)",
+    )
+    add_run_folder_options(
+        parser, "runs/triplet_totally_looks_like", "runs/triplet_totally_looks_like_dry_run"
+    )
+    parser.add_argument(
+        "--cache-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the frozen part of ResNet50 once per image and train the rest on its "
+        "cached features (default on; --no-cache-features runs the whole network every "
+        "step)",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        help="compute in float16, keep weights, distances and loss in float32 (default: on "
+        "when TensorFlow sees a GPU, off otherwise)",
+    )
+    parser.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        help="compile the training step with XLA (default: Keras decides, on with a GPU)",
+    )
+    add_distribute_option(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"quick offline check: {defaults['dry_run_pairs']} generated pairs in a "
+        f"temporary folder (or --data-dir), {defaults['dry_run_image_size']} x "
+        f"{defaults['dry_run_image_size']} images, weights none, 1 epoch; explicit flags "
+        "still apply",
+    )
+    return parser

@@ -1,0 +1,117 @@
+"""Downloads and a zip extraction that cannot write outside its folder.
+
+The tutorial runs `gdown` and `unzip` in a shell cell. A script must survive no network, a
+half-finished download and a crafted archive; that care is not the tutorial's subject.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+
+from siamese_support.command_line import DownloadError, one_line
+
+
+def download_from_google_drive(file_id, path):
+    """Fetch one Google Drive file with `gdown`, to a temporary name renamed when complete."""
+    path = pathlib.Path(path)
+    offline_hint = (
+        "without a network, pass --data-dir DIR (a folder holding left/ and right/) "
+        "or try --dry-run"
+    )
+    try:
+        import gdown
+    except ImportError:
+        raise DownloadError(
+            f"downloading {path.name} needs the gdown package (pip install gdown); {offline_hint}"
+        ) from None
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        try:
+            result = gdown.download(id=file_id, output=temporary, quiet=False)
+        except Exception as error:  # gdown raises its own classes and requests' errors
+            raise DownloadError(
+                f"could not download {path.name} from Google Drive ({one_line(error)}); "
+                f"{offline_hint}"
+            ) from None
+        if result is None or os.path.getsize(temporary) == 0:
+            raise DownloadError(f"could not download {path.name} from Google Drive; {offline_hint}")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def _member_parts(member):
+    """The components of a zip member's path, with either kind of slash."""
+    return [part for part in member.filename.replace("\\", "/").split("/") if part not in ("", ".")]
+
+
+def _unsafe_member_reason(member):
+    """Why a zip member must not be extracted, or None when it is a plain file or folder."""
+    name = member.filename.replace("\\", "/")
+    parts = _member_parts(member)
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in parts:
+        return "'..' in its path"
+    if not parts:
+        return "empty name"
+    file_type = stat.S_IFMT(member.external_attr >> 16)
+    if file_type == stat.S_IFLNK:
+        return "symbolic link"
+    if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
+        return "special file"
+    return None
+
+
+def extract_zip_safely(zip_path, folder):
+    """Unpack `zip_path` into `folder` (for `left.zip`, the `left/` inside it).
+
+    The archive is checked first (`ZipFile.testzip`, then every member's path), and
+    nothing is written if a member is a link, an absolute path or climbs out with `..`.
+    Members are written one by one into a temporary folder beside `folder`, which is
+    renamed into place only when all are out.
+    """
+    zip_path, folder = pathlib.Path(zip_path), pathlib.Path(folder)
+    redownload = f"delete {zip_path} and run again to download it afresh"
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{zip_path} is not a valid zip file; {redownload}") from None
+    with archive:
+        try:
+            corrupt_member = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise ValueError(f"{zip_path} is damaged ({one_line(error)}); {redownload}") from None
+        if corrupt_member is not None:
+            raise ValueError(f"{zip_path}: member {corrupt_member} is corrupt; {redownload}")
+        members = archive.infolist()
+        for member in members:
+            reason = _unsafe_member_reason(member)
+            if reason:
+                raise ValueError(
+                    f"{zip_path}: refusing to extract member {member.filename!r} ({reason}); "
+                    "the archive is not the expected dataset"
+                )
+        temporary = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+        try:
+            for member in members:
+                target = temporary.joinpath(*_member_parts(member))
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as source, open(target, "xb") as sink:
+                    shutil.copyfileobj(source, sink)
+            # The example's zips hold a top folder named like the zip; use it when present.
+            root = temporary / folder.name
+            os.rename(root if root.is_dir() else temporary, folder)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return folder

@@ -1,0 +1,104 @@
+"""Evaluation metrics: accuracy at a threshold, ROC AUC, recall@k, cosine similarity.
+
+The tutorials print one accuracy (MNIST) or two cosine similarities (triplet). Judging a
+trained embedding needs a few more numbers, computed the same way for every run, in NumPy,
+so they live here.
+"""
+
+import numpy as np
+
+
+def roc_auc(labels, distances):
+    """Area under the ROC curve of "same digit" scored by a small distance.
+
+    The probability that a random positive pair is closer than a random negative pair,
+    ties counting half (the Mann-Whitney statistic).
+    """
+    labels = np.asarray(labels).ravel().astype(bool)
+    scores = -np.asarray(distances, np.float64).ravel()
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        raise ValueError("roc_auc needs both positive and negative pairs")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), np.float64)
+    # Average rank (1-based) over each run of equal scores.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    run_ranks = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(run_ranks, ends - starts)
+    rank_sum = ranks[labels].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def best_threshold(labels, distances):
+    """The distance threshold that classifies `labels` best, and its accuracy.
+
+    Candidates are the midpoints between consecutive sorted distances (and both ends);
+    a pair is called "same digit" when its distance is below the threshold.
+    """
+    labels = np.asarray(labels).ravel().astype(bool)
+    distances = np.asarray(distances, np.float64).ravel()
+    order = np.argsort(distances, kind="mergesort")
+    sorted_distances, sorted_labels = distances[order], labels[order]
+    # With the threshold just above the k-th smallest distance, the first k pairs are
+    # called positive: right for the positives among them and the negatives after them.
+    positives_below = np.concatenate([[0], np.cumsum(sorted_labels)])
+    negatives_above = (~sorted_labels).sum() - np.concatenate([[0], np.cumsum(~sorted_labels)])
+    correct = positives_below + negatives_above
+    # Only cut between distinct distances.
+    valid = np.concatenate([[True], np.diff(sorted_distances) > 0, [True]])
+    correct = np.where(valid, correct, -1)
+    k = int(np.argmax(correct))
+    if k == 0:
+        threshold = sorted_distances[0] - 1e-6
+    elif k == len(sorted_distances):
+        threshold = sorted_distances[-1] + 1e-6
+    else:
+        threshold = (sorted_distances[k - 1] + sorted_distances[k]) / 2
+    return float(threshold), float(correct[k] / len(labels))
+
+
+def cosine_similarities(first, second):
+    """Cosine similarity of each row of `first` with the same row of `second`.
+
+    The example reports one number per batch from a `CosineSimilarity` metric, and uses
+    the same metric object for the positive and then the negative similarity, so its
+    "negative similarity" is the running mean of both. Here every triplet has its own.
+    """
+    first = np.asarray(first, np.float64)
+    second = np.asarray(second, np.float64)
+    norms = np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1)
+    return np.sum(first * second, axis=1) / np.maximum(norms, 1e-12)
+
+
+def pairwise_squared_distances(first, second):
+    """Matrix of squared L2 distances between every row of `first` and of `second`."""
+    first = np.asarray(first, np.float64)
+    second = np.asarray(second, np.float64)
+    squared = (
+        np.sum(first**2, axis=1)[:, None]
+        + np.sum(second**2, axis=1)[None, :]
+        - 2 * first @ second.T
+    )
+    return np.maximum(squared, 0.0)
+
+
+def triplet_accuracy(ap_distances, an_distances):
+    """Fraction of triplets whose positive is closer to the anchor than the negative."""
+    return float(np.mean(np.asarray(ap_distances) < np.asarray(an_distances)))
+
+
+def recall_at_k(distance_matrix, ks=(1, 5, 10)):
+    """Retrieval recall: row i's right answer is column i; is it among the k closest?
+
+    Ties count against the right answer (it ranks behind every column at the same
+    distance), so a model that maps everything to one point scores 0, not 1.
+    """
+    distance_matrix = np.asarray(distance_matrix)
+    correct = np.diag(distance_matrix)[:, None]
+    closer = np.sum(distance_matrix < correct, axis=1)
+    tied = np.sum(distance_matrix == correct, axis=1) - 1
+    rank = closer + tied
+    return {k: float(np.mean(rank < k)) for k in ks}

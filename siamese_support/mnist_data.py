@@ -1,0 +1,154 @@
+"""MNIST from Keras's download, a `mnist.npz`-style file or the four official IDX files.
+
+The tutorial calls `mnist.load_data()`; people also bring their own copy, sometimes damaged
+or in another layout. Reading and checking it is not the tutorial's subject, so it lives
+here, in NumPy (Keras is imported only to download).
+"""
+
+import gzip
+import pathlib
+import struct
+
+import numpy as np
+
+from siamese_support.command_line import DownloadError, one_line
+
+num_classes = 10
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def load_mnist(path=None):
+    """Return `(x_train, y_train), (x_test, y_test)` as uint8 arrays.
+
+    `path` is a file in the layout of Keras's `mnist.npz`, or a folder holding the four
+    official `*-idx?-ubyte.gz` files; `None` downloads MNIST through Keras (cached under
+    `~/.keras/datasets`, checked against its published hash). Images stay uint8 here and are
+    scaled to float32 in [0, 1] batch by batch in the input pipeline, which keeps a quarter
+    of the memory a float32 copy of the dataset would take.
+    """
+    if path is None:
+        import keras
+
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        except Exception as error:  # Keras raises a bare Exception on fetch failure
+            raise DownloadError(
+                f"could not download MNIST ({one_line(error)}); without a network, "
+                "pass --data PATH (a mnist.npz file or a folder of the four "
+                "*-idx?-ubyte.gz files) or try --dry-run"
+            ) from None
+        arrays = {"x_train": x_train, "y_train": y_train}
+        arrays.update({"x_test": x_test, "y_test": y_test})
+    else:
+        path = pathlib.Path(path)
+        if path.is_dir():
+            arrays = _read_idx_folder(path)
+        elif path.is_file():
+            arrays = _read_npz(path)
+        else:
+            raise ValueError(f"--data {path}: no such file or folder")
+    return _validated(arrays, str(path) if path else "the MNIST download")
+
+
+def _read_npz(path):
+    """Read the four arrays of a `mnist.npz`-style file."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise ValueError("it holds a single array, not named arrays")
+            missing = [name for name in IDX_FILES if name not in archive.files]
+            if missing:
+                raise KeyError(", ".join(missing))
+            return {name: archive[name] for name in IDX_FILES}
+    except KeyError as error:
+        raise ValueError(
+            f"--data {path}: missing arrays {error.args[0]} (expected x_train, "
+            "y_train, x_test, y_test as in Keras's mnist.npz)"
+        ) from None
+    except Exception as error:
+        raise ValueError(f"--data {path}: not a readable .npz file ({one_line(error)})") from None
+
+
+def _read_idx_folder(folder):
+    """Read the four official MNIST files (`*-idx?-ubyte.gz`) from `folder`."""
+    missing = [name for name in IDX_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"--data {folder}: the folder lacks {', '.join(missing)} (it needs the four "
+            "official MNIST files, or pass a mnist.npz file)"
+        )
+    return {key: read_idx(folder / name) for key, name in IDX_FILES.items()}
+
+
+def read_idx(path):
+    """Read one gzip-compressed IDX file of unsigned bytes (the MNIST format)."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            content = stream.read()
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable gzip file ({error})") from None
+    if len(content) < 4 or content[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes")
+    dimensions = content[3]
+    header_size = 4 + 4 * dimensions
+    if len(content) < header_size:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{dimensions}I", content[4:header_size])
+    expected = int(np.prod(shape))
+    if len(content) - header_size != expected:
+        raise ValueError(
+            f"{path}: holds {len(content) - header_size} bytes of data, "
+            f"its header announces {expected}"
+        )
+    return np.frombuffer(content, np.uint8, offset=header_size).reshape(shape)
+
+
+def _validated(arrays, source):
+    """Check shapes, lengths and value ranges; return the arrays as uint8."""
+    for split in ("train", "test"):
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if images.ndim != 3 or min(images.shape) == 0:
+            raise ValueError(
+                f"{source}: x_{split} has shape {images.shape}, expected "
+                "(count, height, width), e.g. (60000, 28, 28)"
+            )
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(
+                f"{source}: y_{split} has shape {labels.shape}, expected "
+                f"({len(images)},), one label per image of x_{split}"
+            )
+        if not np.issubdtype(images.dtype, np.number) or (images.min() < 0 or images.max() > 255):
+            raise ValueError(
+                f"{source}: x_{split} must hold pixel values 0-255, found {images.dtype} values"
+            )
+        if not np.issubdtype(labels.dtype, np.integer) or (
+            labels.min() < 0 or labels.max() >= num_classes
+        ):
+            raise ValueError(f"{source}: y_{split} must hold integer digit classes 0-9")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ValueError(
+            f"{source}: training images are {arrays['x_train'].shape[1:]}, "
+            f"test images {arrays['x_test'].shape[1:]}; they must match"
+        )
+    x_train, y_train, x_test, y_test = (np.asarray(arrays[name], np.uint8) for name in IDX_FILES)
+    return (x_train, y_train), (x_test, y_test)
+
+
+def limit_images(images, labels, limit, split):
+    """The first `limit` images of a split; every class must keep two images."""
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    counts = np.bincount(labels, minlength=num_classes)
+    scarce = [digit for digit in range(num_classes) if counts[digit] < 2]
+    if scarce:
+        hint = " (raise --limit)" if limit is not None else ""
+        raise ValueError(
+            f"the {split} images hold fewer than two images of digit(s) "
+            f"{', '.join(map(str, scarce))}; every digit needs two to make pairs{hint}"
+        )
+    return images, labels

@@ -1,0 +1,159 @@
+"""The PNG figures a run writes: training curves, distance histograms, example pairs.
+
+The tutorials show a few images inline; a script run from the shell writes its figures to
+the run folder instead. Matplotlib is imported only when a figure is drawn.
+"""
+
+import numpy as np
+
+from siamese_support import run_folder
+
+
+def pyplot():
+    """Matplotlib's pyplot on a file-only backend, imported only when plotting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def save_figure(figure, path, dpi=100):
+    """Save a figure as PNG through a temporary file, then close it."""
+    try:
+        with run_folder.atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=dpi)
+    finally:
+        pyplot().close(figure)
+
+
+def plot_training_curves(history_rows, path):
+    """Loss and accuracy per epoch, training vs test pairs."""
+    epoch_numbers = [int(row["epoch"]) + 1 for row in history_rows]
+    figure, axes = pyplot().subplots(1, 2, figsize=(10, 4))
+    for axis, name in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, label in (("", "training pairs"), ("val_", "test pairs")):
+            values = [float(row[prefix + name]) for row in history_rows]
+            axis.plot(epoch_numbers, values, marker="o", label=label)
+        axis.set_xlabel("epoch")
+        axis.set_title(name)
+        axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_distance_histogram(labels, distances, threshold, path, example_threshold=0.5):
+    """Histogram of test-pair distances, same vs different digits, with thresholds."""
+    labels = np.asarray(labels).astype(bool)
+    figure, axis = pyplot().subplots(figsize=(7, 4))
+    bins = np.linspace(0, max(float(np.max(distances)), 1.0), 60)
+    axis.hist(distances[labels], bins=bins, alpha=0.6, label="same digit")
+    axis.hist(distances[~labels], bins=bins, alpha=0.6, label="different digits")
+    axis.axvline(example_threshold, color="black", label=f"threshold {example_threshold}")
+    axis.axvline(threshold, color="red", linestyle="--", label=f"best threshold {threshold:.3f}")
+    axis.set_xlabel("predicted distance")
+    axis.set_ylabel("test pairs")
+    axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_pair_grid(images, pairs, labels, distances, path, count=16, threshold=0.5):
+    """A grid of test pairs spread over all digits, titled with distance and truth.
+
+    A pair that `threshold` (the example's 0.5) gets wrong has a red title.
+    """
+    shown = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).astype(int))
+    # Pairs alternate positive, negative: nudge every other pick so both kinds show.
+    shown = np.unique(np.clip(shown - (shown % 2) + np.arange(len(shown)) % 2, 0, len(pairs) - 1))
+    columns = 4
+    rows = -(-len(shown) // columns)
+    figure, axes = pyplot().subplots(
+        rows, columns, figsize=(2.6 * columns, 1.6 * rows), squeeze=False
+    )
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, index in zip(axes.ravel(), shown, strict=False):
+        first, second = pairs[index]
+        axis.imshow(np.hstack([images[first], images[second]]), cmap="gray")
+        truth = "same" if labels[index] else "different"
+        wrong = (distances[index] < threshold) != bool(labels[index])
+        # Text placed above the image rather than set_title, and fixed margins rather than
+        # tight_layout: both measure every hidden axis, which took 0.3 s of 0.5 s here.
+        axis.text(
+            0.5,
+            1.04,
+            f"d={distances[index]:.2f} ({truth})",
+            transform=axis.transAxes,
+            horizontalalignment="center",
+            fontsize=9,
+            color="red" if wrong else "black",
+        )
+    # 0.3 inch above the first row holds its titles.
+    figure_height = figure.get_figheight()
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.3 / figure_height)
+    save_figure(figure, path)
+
+
+def plot_loss(history_rows, path):
+    """Training and validation loss per epoch."""
+    figure, axis = pyplot().subplots(figsize=(6, 4))
+    epoch_numbers = [int(row["epoch"]) + 1 for row in history_rows]
+    for key, label in (("loss", "training"), ("val_loss", "validation")):
+        values = [float(row[key]) for row in history_rows if row.get(key) not in (None, "")]
+        if len(values) == len(epoch_numbers):
+            axis.plot(epoch_numbers, values, marker="o", label=label)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("triplet loss")
+    axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path, dpi=90)
+
+
+def plot_distance_histograms(before, after, path):
+    """Validation anchor-positive vs anchor-negative distances, before and after training."""
+    figure, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+    for axis, evaluation, title in ((axes[0], before, "before"), (axes[1], after, "after")):
+        distances = np.concatenate([evaluation["ap_distances"], evaluation["an_distances"]])
+        bins = np.linspace(distances.min(), distances.max() + 1e-9, 30)
+        axis.hist(evaluation["ap_distances"], bins=bins, alpha=0.6, label="anchor-positive")
+        axis.hist(evaluation["an_distances"], bins=bins, alpha=0.6, label="anchor-negative")
+        axis.set_title(f"{title} training")
+        axis.set_xlabel("squared L2 distance")
+        axis.legend()
+    figure.tight_layout()
+    save_figure(figure, path, dpi=90)
+
+
+def plot_retrieval_examples(
+    anchor_images, positive_images, distance_matrix, path, load_image, queries=4, top=5
+):
+    """For a few validation queries (left image): the 5 closest right images.
+
+    `load_image(filename)` gives an image as 0-255 values. The right answer, where it
+    appears, has a green frame.
+    """
+    queries = min(queries, len(anchor_images))
+    top = min(top, len(positive_images))
+    figure, axes = pyplot().subplots(queries, top + 1, figsize=(2 * (top + 1), 2 * queries))
+    axes = np.asarray(axes).reshape(queries, top + 1)
+    for row in range(queries):
+        ranked = np.argsort(distance_matrix[row], kind="stable")[:top]
+        pictures = [anchor_images[row]] + [positive_images[index] for index in ranked]
+        for column, filename in enumerate(pictures):
+            axis = axes[row, column]
+            image = np.asarray(load_image(filename)) / 255.0
+            axis.imshow(np.clip(image, 0.0, 1.0))
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column == 0:
+                axis.set_title("query")
+            else:
+                axis.set_title(f"#{column}")
+                if ranked[column - 1] == row:
+                    for spine in axis.spines.values():
+                        spine.set_edgecolor("green")
+                        spine.set_linewidth(4)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=90)

@@ -1,0 +1,155 @@
+"""Decoded images and frozen-trunk features, computed once per run and read by index.
+
+The tutorial decodes the three images of every triplet in every epoch and runs all of
+ResNet50 at every step. Computing each image's pixels, or its frozen trunk's features, once
+and gathering rows by index gives the same numbers for a fraction of the work; the
+machinery for it (memory budgets, disk-backed arrays, `tf.data` gathers) lives here.
+"""
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from siamese_support.devices import without_autotuning
+
+# A store larger than this share of the available memory goes to a file on disk.
+memory_share_for_stores = 0.5
+
+
+def available_memory():
+    """Bytes of memory available to this process (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def new_store(shape, dtype, folder=None, memory_budget=None):
+    """An uninitialised array for cached images or features: in memory if it fits.
+
+    It fits when it takes at most `memory_budget` bytes (default: half the available
+    memory). Otherwise it is a memory-mapped `.npy` file in `folder`, which the operating
+    system pages in and out as the training reads it.
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if memory_budget is None:
+        available = available_memory()
+        memory_budget = size if available is None else available * memory_share_for_stores
+    if size <= memory_budget:
+        return np.empty(shape, dtype)
+    if folder is None:
+        raise ValueError(
+            f"a cache of {size / 1e9:.1f} GB does not fit in memory and no folder was given"
+        )
+    handle, path = tempfile.mkstemp(dir=folder, prefix="store-", suffix=".npy")
+    os.close(handle)
+    print(f"Caching {size / 1e9:.1f} GB on disk in {path} (too large for memory)", flush=True)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+
+
+def image_batches(filenames, preprocess_image, batch_size):
+    """A `tf.data` dataset of the image files, loaded by `preprocess_image`, in order."""
+    dataset = tf.data.Dataset.from_tensor_slices(list(filenames))
+    dataset = dataset.map(
+        preprocess_image,
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def decode_images_once(filenames, preprocess_image, image_size, batch_size, folder=None):
+    """Decode and resize every image file once, into a store (one row per file).
+
+    The example decodes and resizes the three images of every triplet in every epoch; an
+    image is in about three triplets per epoch, so some thirty decodes over the example's
+    ten epochs. The store keeps the float32 pixels `preprocess_image` gives, so training
+    on it computes exactly what the example computes.
+    """
+    filenames = list(filenames)
+    store = new_store((len(filenames), *image_size, 3), np.float32, folder)
+    batches = image_batches(filenames, preprocess_image, batch_size)
+    return _fill_store(store, batches.as_numpy_iterator())
+
+
+def compute_trunk_features(trunk, filenames, preprocess_image, batch_size, folder=None):
+    """Run the frozen trunk once over every image file; return a store of its features.
+
+    The features keep the trunk's output dtype (float32, or float16 under mixed precision),
+    so training on them computes exactly what training on the images would.
+    """
+    filenames = list(filenames)
+    output = trunk.output
+    store = new_store((len(filenames), *output.shape[1:]), output.dtype, folder)
+    batches = image_batches(filenames, preprocess_image, batch_size)
+    return _fill_store(
+        store, (ops.convert_to_numpy(trunk(batch, training=False)) for batch in batches)
+    )
+
+
+def _fill_store(store, batches):
+    """Write consecutive batches of rows into `store`, from its first row; return it."""
+    start = 0
+    for batch in batches:
+        store[start : start + len(batch)] = batch
+        start += len(batch)
+    return store
+
+
+def gather_rows(store, indices):
+    """Rows `indices` of a store, as a tensor (inside a `tf.data` map).
+
+    NumPy does the gathering, so a store memory-mapped from disk works as well as one in
+    memory.
+    """
+    rows = tf.numpy_function(
+        lambda batch: np.asarray(store[batch]), [indices], tf.as_dtype(store.dtype), stateful=False
+    )
+    return tf.ensure_shape(rows, (None, *store.shape[1:]))
+
+
+def make_store_dataset(store, triplet_indices, batch_size):
+    """Batches of (anchor, positive, negative) rows of `store`, for index triplets."""
+    dataset = triplet_indices.batch(batch_size, drop_remainder=False)
+    dataset = dataset.map(
+        lambda anchor, positive, negative: tuple(
+            gather_rows(store, indices) for indices in (anchor, positive, negative)
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return without_autotuning(dataset.prefetch(tf.data.AUTOTUNE))
+
+
+def embed_store(network, store, batch_size):
+    """`network` applied to every row of a store of images or features, as a NumPy array."""
+    dataset = tf.data.Dataset.range(len(store)).batch(batch_size)
+    dataset = dataset.map(
+        lambda indices: gather_rows(store, indices), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return network.predict(dataset.prefetch(tf.data.AUTOTUNE), verbose=0)
+
+
+def pipeline_throughput(dataset, batches):
+    """Triplets per second that a dataset of triplet batches delivers, with no model."""
+    iterator = iter(dataset)
+    next(iterator)  # warm-up: the first batch pays for starting the threads
+    count = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        try:
+            count += len(next(iterator)[0])
+        except StopIteration:
+            break
+    elapsed = time.perf_counter() - start
+    return count / elapsed if elapsed > 0 else float("inf")
