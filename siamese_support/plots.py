@@ -157,3 +157,10 @@ def plot_retrieval_examples(
                         spine.set_linewidth(4)
     figure.tight_layout()
     save_figure(figure, path, dpi=90)
+
+
+def plot_mnist_run(output_dir, history_rows, images, pairs, labels, distances, threshold):
+    """The three figures of a `mnist_siamese.py` run, written into `output_dir`."""
+    plot_training_curves(history_rows, output_dir / "training_curves.png")
+    plot_distance_histogram(labels, distances, threshold, output_dir / "distance_histogram.png")
+    plot_pair_grid(images, pairs, labels, distances, output_dir / "pairs.png")

@@ -226,6 +226,15 @@ def interrupted_message(output_dir):
     return "interrupted before the first epoch finished; nothing to resume"
 
 
+@contextlib.contextmanager
+def resume_hint_on_interrupt(output_dir):
+    """Turn Ctrl-C inside the block into a `KeyboardInterrupt` that says how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(output_dir)) from None
+
+
 def final_history(output_dir):
     """The per-epoch rows logged across interruptions: the last row of each epoch, in order."""
     path = pathlib.Path(output_dir) / "history-progress.csv"

@@ -54,7 +54,8 @@ def process_settings():
     """What a test could change for the whole process, as comparable values."""
     settings = {
         "working folder": os.getcwd(),
-        "environment": dict(os.environ),
+        # pytest itself sets PYTEST_CURRENT_TEST for each test and phase.
+        "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
         "SIGINT handler": signal.getsignal(signal.SIGINT),
         "SIGTERM handler": signal.getsignal(signal.SIGTERM),
     }

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 
+import helpers
 import numpy as np
 import pytest
 
@@ -52,6 +53,8 @@ def start_script(args, cwd, python_code=None):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Tests send SIGINT: the script must handle it whatever the test runner inherited.
+        preexec_fn=helpers.default_signal_handling,
     )
 
 
@@ -191,6 +194,7 @@ RELOAD = textwrap.dedent(
     import mnist_siamese
     import keras
     import numpy as np
+    from siamese_support import evaluation, mnist_data
 
     output_dir, data, seed = pathlib.Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     # Default safe mode: this fails if the saved graph holds a Python lambda.
@@ -199,7 +203,7 @@ RELOAD = textwrap.dedent(
 
     # The test pairs of the run: the same seed drives one generator for the training
     # pairs, then the test pairs.
-    (x_train, y_train), (x_test, y_test) = mnist_siamese.load_mnist(data)
+    (x_train, y_train), (x_test, y_test) = mnist_data.load_mnist(data)
     rng = np.random.default_rng(seed)
     mnist_siamese.create_pairs(x_train, [np.where(y_train == d)[0] for d in range(10)], rng)
     pairs, labels = mnist_siamese.create_pairs(
@@ -221,7 +225,7 @@ RELOAD = textwrap.dedent(
         "embedding_difference": float(np.abs(inner - embedding_a).max()),
         "embedding_size": int(embedding_a.shape[1]),
         "accuracy": mnist_siamese.compute_accuracy(labels, distances),
-        "roc_auc": mnist_siamese.roc_auc(labels, distances),
+        "roc_auc": evaluation.roc_auc(labels, distances),
         "loss": type(loss).__name__,
         "margin": getattr(loss, "margin", None),
     }))

@@ -25,9 +25,15 @@ import mnist_siamese  # noqa: E402
 
 
 def main_exit_code(args):
-    """Run main() in process; argparse mistakes end in SystemExit, the others return."""
+    """Run main() in process; argparse mistakes end in SystemExit, the others return.
+
+    `--intra-op-threads 0` keeps TensorFlow's own thread count: left to choose, main()
+    would set one thread per operation for the whole test process (TensorFlow reads the
+    setting once, when it starts), and every later test would inherit it. The script's own
+    choice is checked in a subprocess (tests/test_mnist_cli.py).
+    """
     try:
-        return mnist_siamese.main([str(arg) for arg in args])
+        return mnist_siamese.main([str(arg) for arg in args] + ["--intra-op-threads", "0"])
     except SystemExit as exit:
         return exit.code
 

@@ -22,6 +22,7 @@ import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
 import mnist_siamese  # noqa: E402
+from siamese_support import evaluation, mnist_data, pipelines, run_folder  # noqa: E402
 
 EPSILON = keras.config.epsilon()
 
@@ -314,7 +315,7 @@ def test_pair_and_evaluation_pipelines_run_without_autotuning():
         assert dataset.options().autotune.enabled is False
     plain = tf.data.Dataset.range(3)
     assert plain.options().autotune.enabled is not False
-    assert mnist_siamese.without_autotuning(plain).options().autotune.enabled is False
+    assert pipelines.without_autotuning(plain).options().autotune.enabled is False
 
 
 def test_make_pair_dataset_with_seed_visits_every_pair_once_per_epoch():
@@ -391,16 +392,16 @@ def test_roc_auc_matches_brute_force_with_ties():
         distances = rng.uniform(0, 1.5, size=150) - 0.3 * labels
         if trial % 2:
             distances = np.round(distances, 1)  # many ties, across and within classes
-        got = mnist_siamese.roc_auc(labels, distances)
+        got = evaluation.roc_auc(labels, distances)
         assert got == pytest.approx(brute_force_auc(labels, distances), abs=1e-12)
-    assert mnist_siamese.roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 1.0
-    assert mnist_siamese.roc_auc([1, 1, 0, 0], [0.3, 0.4, 0.1, 0.2]) == 0.0
-    assert mnist_siamese.roc_auc([1, 0], [0.5, 0.5]) == 0.5
+    assert evaluation.roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert evaluation.roc_auc([1, 1, 0, 0], [0.3, 0.4, 0.1, 0.2]) == 0.0
+    assert evaluation.roc_auc([1, 0], [0.5, 0.5]) == 0.5
 
 
 def test_roc_auc_needs_both_kinds_of_pair():
     with pytest.raises(ValueError):
-        mnist_siamese.roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+        evaluation.roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
 
 
 def test_best_threshold_matches_brute_force():
@@ -410,7 +411,7 @@ def test_best_threshold_matches_brute_force():
         distances = rng.uniform(0, 1.5, size=120) - 0.4 * labels
         if trial % 2:
             distances = np.round(distances, 1)
-        threshold, best = mnist_siamese.best_threshold(labels, distances)
+        threshold, best = evaluation.best_threshold(labels, distances)
         assert best == pytest.approx(brute_force_best_accuracy(labels, distances), abs=1e-12)
         # The returned threshold really achieves the returned accuracy.
         assert mnist_siamese.compute_accuracy(labels, distances, threshold) == pytest.approx(best)
@@ -418,12 +419,12 @@ def test_best_threshold_matches_brute_force():
 
 def test_best_threshold_at_the_ends():
     # All pairs positive: the best threshold calls every one "same".
-    threshold, best = mnist_siamese.best_threshold([1, 1, 1], [0.2, 0.4, 0.9])
+    threshold, best = evaluation.best_threshold([1, 1, 1], [0.2, 0.4, 0.9])
     assert best == 1.0 and threshold > 0.9
     # All negative: the best threshold calls none "same".
-    threshold, best = mnist_siamese.best_threshold([0, 0], [0.2, 0.4])
+    threshold, best = evaluation.best_threshold([0, 0], [0.2, 0.4])
     assert best == 1.0 and threshold <= 0.2
-    threshold, best = mnist_siamese.best_threshold([1, 1, 0, 0], [0.1, 0.3, 0.5, 0.7])
+    threshold, best = evaluation.best_threshold([1, 1, 0, 0], [0.1, 0.3, 0.5, 0.7])
     assert best == 1.0 and 0.3 < threshold <= 0.5
 
 
@@ -511,8 +512,8 @@ def test_read_idx_round_trips_images_and_labels(tmp_path):
     labels = rng.integers(0, 10, size=5, dtype=np.uint8)
     write_idx(tmp_path / "images.gz", images)
     write_idx(tmp_path / "labels.gz", labels)
-    got_images = mnist_siamese.read_idx(tmp_path / "images.gz")
-    got_labels = mnist_siamese.read_idx(tmp_path / "labels.gz")
+    got_images = mnist_data.read_idx(tmp_path / "images.gz")
+    got_labels = mnist_data.read_idx(tmp_path / "labels.gz")
     assert got_images.dtype == np.uint8 and got_images.shape == (5, 7, 3)
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, labels)
@@ -542,10 +543,10 @@ def test_read_idx_rejects_bad_files(tmp_path):
     cut = tmp_path / "cut.gz"
     cut.write_bytes(whole[: len(whole) // 2])  # the gzip stream itself is truncated
     bad["truncated gzip"] = cut
-    assert mnist_siamese.read_idx(gz("good.gz", good)).shape == (2, 4, 4)
+    assert mnist_data.read_idx(gz("good.gz", good)).shape == (2, 4, 4)
     for what, path in bad.items():
         with pytest.raises(ValueError) as error:
-            mnist_siamese.read_idx(path)
+            mnist_data.read_idx(path)
         assert str(path) in str(error.value), what
 
 
@@ -564,21 +565,21 @@ def test_load_mnist_from_a_folder_of_idx_files(tmp_path, tiny):
     }
     for key, name in names.items():
         write_idx(tmp_path / name, subset[key])
-    (x_train, y_train), (x_test, y_test) = mnist_siamese.load_mnist(tmp_path)
+    (x_train, y_train), (x_test, y_test) = mnist_data.load_mnist(tmp_path)
     for key, got in zip(names, (x_train, y_train, x_test, y_test), strict=True):
         assert got.dtype == np.uint8, key
         np.testing.assert_array_equal(got, subset[key], err_msg=key)
     # The same folder given as a string works too.
-    (x_again, _), _ = mnist_siamese.load_mnist(str(tmp_path))
+    (x_again, _), _ = mnist_data.load_mnist(str(tmp_path))
     np.testing.assert_array_equal(x_again, subset["x_train"])
 
     (tmp_path / names["y_test"]).unlink()
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz"):
-        mnist_siamese.load_mnist(tmp_path)
+        mnist_data.load_mnist(tmp_path)
 
 
 def test_load_mnist_from_the_fixture_npz(tiny):
-    (x_train, y_train), (x_test, y_test) = mnist_siamese.load_mnist(FIXTURE)
+    (x_train, y_train), (x_test, y_test) = mnist_data.load_mnist(FIXTURE)
     assert x_train.shape == (5000, 28, 28) and x_test.shape == (1000, 28, 28)
     assert x_train.dtype == np.uint8 and y_train.dtype == np.uint8
     np.testing.assert_array_equal(x_test, tiny["x_test"])
@@ -596,6 +597,6 @@ def test_final_history_keeps_the_last_row_of_each_epoch(tmp_path):
         writer = csv.DictWriter(stream, fieldnames=["epoch", "loss"])
         writer.writeheader()
         writer.writerows(rows)
-    history = mnist_siamese.final_history(tmp_path)
+    history = run_folder.final_history(tmp_path)
     assert [row["epoch"] for row in history] == ["0", "1", "2"]
     assert [row["loss"] for row in history] == ["0.30", "0.19", "0.10"]
