@@ -600,3 +600,18 @@ def test_final_history_keeps_the_last_row_of_each_epoch(tmp_path):
     history = run_folder.final_history(tmp_path)
     assert [row["epoch"] for row in history] == ["0", "1", "2"]
     assert [row["loss"] for row in history] == ["0.30", "0.19", "0.10"]
+
+
+def test_registered_names_are_those_of_models_saved_before_the_support_package():
+    # A `.keras` file names its custom objects by these strings; runs saved before the
+    # machinery moved into siamese_support name them so, and must still reload.
+    names = [
+        keras.saving.get_registered_name(item)
+        for item in (mnist_siamese.EuclideanDistance, mnist_siamese.ContrastiveLoss)
+    ]
+    names.append(keras.saving.get_registered_name(mnist_siamese.accuracy))
+    assert names == [
+        "mnist_siamese>EuclideanDistance",
+        "mnist_siamese>ContrastiveLoss",
+        "mnist_siamese>accuracy",
+    ]

@@ -1,0 +1,108 @@
+"""Each script keeps its tutorial's names in its tutorial's order, so the two read side by side.
+
+The scripts are read as text (nothing is imported): the test checks the top-level
+definitions, in order, then the steps of the tutorial's flow inside `main()`, in order.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
+
+# The classic Keras example `examples/mnist_siamese.py`: its module-level names in the order
+# it defines them, then the steps of its flow (here in `main()`), as they read in the port.
+MNIST_DEFINITIONS = [
+    "num_classes",
+    "epochs",
+    "euclidean_distance",
+    "eucl_dist_output_shape",
+    "contrastive_loss",
+    "create_pairs",
+    "create_base_network",
+    "compute_accuracy",
+    "accuracy",
+]
+MNIST_FLOW = [
+    "(x_train, y_train), (x_test, y_test) = ",
+    "digit_indices = [np.where(y_train == i)[0] for i in range(num_classes)]",
+    "tr_pairs, tr_y = create_pairs(x_train, digit_indices",
+    "digit_indices = [np.where(y_test == i)[0] for i in range(num_classes)]",
+    "te_pairs, te_y = create_pairs(x_test, digit_indices",
+    "model, base_network = create_siamese_network(",
+    "train(",
+    "tr_acc = compute_accuracy(tr_y, ",
+    "te_acc = compute_accuracy(te_y, ",
+    'print(f"* Accuracy on training set: {100 * tr_acc:0.2f}%")',
+    'print(f"* Accuracy on test set: {100 * te_acc:0.2f}%")',
+]
+
+
+def top_level_names(source):
+    """The names a module defines at its top level (functions, classes, assignments), in order."""
+    names = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.append((node.name, node.lineno))
+        elif isinstance(node, ast.Assign):
+            names += [(t.id, node.lineno) for t in node.targets if isinstance(t, ast.Name)]
+    return names
+
+
+def first_lines(names, wanted):
+    """The line of each wanted name's first definition; fails naming a missing one."""
+    lines = {}
+    for name, line in names:
+        lines.setdefault(name, line)
+    missing = [name for name in wanted if name not in lines]
+    assert not missing, f"not defined at the top level: {missing}"
+    return [lines[name] for name in wanted]
+
+
+def assert_in_order(wanted, lines):
+    """The lines increase with the list of names; otherwise say which pair is out of order."""
+    for (before, first), (after, second) in zip(
+        zip(wanted, lines, strict=True), zip(wanted[1:], lines[1:], strict=True), strict=False
+    ):
+        assert first < second, f"{before} (line {first}) must come before {after} (line {second})"
+
+
+def function_source(source, name):
+    """The source text of the top-level function `name`."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return ast.get_source_segment(source, node)
+    raise AssertionError(f"no function {name}")
+
+
+def flow_positions(text, steps):
+    """Where each step of the flow first appears in `text`, searching on from the last."""
+    positions, start = [], 0
+    for step in steps:
+        position = text.find(step, start)
+        assert position >= 0, f"step {step!r} missing or out of order"
+        positions.append(position)
+        start = position + len(step)
+    return positions
+
+
+def test_mnist_definitions_follow_the_example():
+    source = (REPOSITORY / "mnist_siamese.py").read_text()
+    lines = first_lines(top_level_names(source), MNIST_DEFINITIONS)
+    assert_in_order(MNIST_DEFINITIONS, lines)
+    # The tutorial's first definitions come early: a reader scrolls no set-up to reach them.
+    assert lines[0] <= 60 and lines[MNIST_DEFINITIONS.index("euclidean_distance")] <= 70, lines
+
+
+def test_mnist_main_runs_the_example_flow_in_order():
+    source = (REPOSITORY / "mnist_siamese.py").read_text()
+    flow_positions(function_source(source, "main"), MNIST_FLOW)
+
+
+def test_the_checks_fail_on_a_swapped_order():
+    # The order checks themselves: two names or two steps swapped must be reported.
+    with pytest.raises(AssertionError, match="must come before"):
+        assert_in_order(["b", "a"], [20, 10])
+    with pytest.raises(AssertionError, match="out of order"):
+        flow_positions("second first", ["first", "second"])
