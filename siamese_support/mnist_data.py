@@ -109,7 +109,10 @@ def read_idx(path):
 
 
 def _validated(arrays, source):
-    """Check shapes, lengths and value ranges; return the arrays as uint8."""
+    """Check shapes, lengths and value ranges; return the arrays as uint8.
+
+    Images stored as fractions in [0, 1] (a common float layout) are scaled to 0-255.
+    """
     for split in ("train", "test"):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if images.ndim != 3 or min(images.shape) == 0:
@@ -122,10 +125,6 @@ def _validated(arrays, source):
                 f"{source}: y_{split} has shape {labels.shape}, expected "
                 f"({len(images)},), one label per image of x_{split}"
             )
-        if not np.issubdtype(images.dtype, np.number) or (images.min() < 0 or images.max() > 255):
-            raise ValueError(
-                f"{source}: x_{split} must hold pixel values 0-255, found {images.dtype} values"
-            )
         if not np.issubdtype(labels.dtype, np.integer) or (
             labels.min() < 0 or labels.max() >= num_classes
         ):
@@ -135,8 +134,61 @@ def _validated(arrays, source):
             f"{source}: training images are {arrays['x_train'].shape[1:]}, "
             f"test images {arrays['x_test'].shape[1:]}; they must match"
         )
-    x_train, y_train, x_test, y_test = (np.asarray(arrays[name], np.uint8) for name in IDX_FILES)
+    scales = {name: pixel_scale(arrays[name], name, source) for name in ("x_train", "x_test")}
+    if len(set(scales.values())) > 1:
+        raise ValueError(
+            f"{source}: x_train looks scaled to 0-{scales['x_train']:g} and x_test to "
+            f"0-{scales['x_test']:g}; store both in the same scale"
+        )
+    scale = scales["x_train"]
+    if arrays["x_train"].dtype != np.uint8 or arrays["x_test"].dtype != np.uint8:
+        # Say how the numbers were read: a wrong guess here would train on garbage.
+        print(
+            f"{source}: images are {arrays['x_train'].dtype} values in [0, {scale:g}]; "
+            "read as pixel values 0-255" + (" (multiplied by 255)" if scale == 1 else ""),
+            flush=True,
+        )
+    x_train, x_test = (to_pixels(arrays[name], scale) for name in ("x_train", "x_test"))
+    y_train, y_test = (np.asarray(arrays[name], np.uint8) for name in ("y_train", "y_test"))
     return (x_train, y_train), (x_test, y_test)
+
+
+def pixel_scale(images, name, source):
+    """The top of the scale `images` are stored in: 255 (pixel values) or 1 (fractions).
+
+    Any integer, float or boolean dtype is accepted. Values up to 1 are read as fractions
+    of full brightness, the common float layout; larger values, up to 255, as pixel values.
+    NaN, infinite, negative or larger values, and images that are all black, are refused:
+    no scale would make them digits.
+    """
+    if images.dtype == np.uint8:
+        return 255
+    if images.dtype == np.bool_:
+        return 1
+    if not np.issubdtype(images.dtype, np.number) or np.issubdtype(
+        images.dtype, np.complexfloating
+    ):
+        raise ValueError(f"{source}: {name} holds {images.dtype} values, not pixel values")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise ValueError(f"{source}: {name} holds NaN or infinite values")
+    low, high = images.min(), images.max()
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"{source}: {name} must hold pixel values 0-255 (or fractions 0-1), found "
+            f"values from {low:g} to {high:g}"
+        )
+    if high == 0:
+        raise ValueError(f"{source}: {name} is all zeros: no scale makes digits of it")
+    return 1 if high <= 1 else 255
+
+
+def to_pixels(images, scale):
+    """`images` in the scale `pixel_scale` found, as uint8 pixel values 0-255 (rounded)."""
+    if images.dtype == np.uint8:
+        return images
+    if scale == 1:
+        return np.rint(np.asarray(images, np.float32) * 255).astype(np.uint8)
+    return np.rint(images).astype(np.uint8)
 
 
 def limit_images(images, labels, limit, split):

@@ -7,6 +7,7 @@ module costs little more than the TensorFlow import.
 import csv
 import gzip
 import pathlib
+import re
 import struct
 import sys
 
@@ -615,3 +616,68 @@ def test_registered_names_are_those_of_models_saved_before_the_support_package()
         "mnist_siamese>ContrastiveLoss",
         "mnist_siamese>accuracy",
     ]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda a: a / 255.0,  # float64 fractions, the common float layout
+        lambda a: (a / np.float32(255)).astype(np.float32),
+        lambda a: a.astype(np.float32),  # float pixel values 0-255
+        lambda a: a.astype(np.int64),
+        lambda a: a.astype(np.uint16),
+    ],
+    ids=["float64-fractions", "float32-fractions", "float32-pixels", "int64", "uint16"],
+)
+def test_other_numeric_layouts_give_the_same_pixels(tmp_path, tiny, layout, capsys):
+    arrays = dict(tiny)
+    arrays["x_train"], arrays["x_test"] = layout(tiny["x_train"]), layout(tiny["x_test"])
+    np.savez(tmp_path / "other.npz", **arrays)
+    (x_train, _), (x_test, _) = mnist_data.load_mnist(tmp_path / "other.npz")
+    assert x_train.dtype == np.uint8 and x_test.dtype == np.uint8
+    np.testing.assert_array_equal(x_train, tiny["x_train"])
+    np.testing.assert_array_equal(x_test, tiny["x_test"])
+    # The scaling it assumed is said, in one line.
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "read as pixel values 0-255" in said[0], said
+
+
+def test_uint8_images_are_read_silently(tiny, capsys):
+    mnist_data.load_mnist(FIXTURE)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "change, hint",
+    [
+        ({"x_train": "nan"}, "x_train holds NaN or infinite values"),
+        ({"x_test": "inf"}, "x_test holds NaN or infinite values"),
+        ({"x_train": "fractions"}, "x_train looks scaled to 0-1 and x_test to 0-255"),
+        ({"x_test": "zeros"}, "x_test is all zeros"),
+        ({"x_test": "negative"}, "found values from -1"),
+        ({"x_train": "text"}, "not pixel values"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else next(iter(value.values())),
+)
+def test_ambiguous_or_broken_numbers_are_refused(tmp_path, tiny, change, hint):
+    arrays = dict(tiny)
+    ((name, how),) = change.items()
+    images = tiny[name].astype(np.float32)
+    if how == "nan":
+        images = images / 255
+        images[7, 3, 3] = np.nan
+        arrays["x_test"] = tiny["x_test"] / 255
+    elif how == "inf":
+        images[2, 0, 0] = np.inf
+    elif how == "fractions":
+        images = images / 255
+    elif how == "zeros":
+        images = np.zeros_like(images)
+    elif how == "negative":
+        images = tiny[name].astype(np.int16) - 1
+    elif how == "text":
+        images = np.full(tiny[name].shape, "x")
+    arrays[name] = images
+    np.savez(tmp_path / "odd.npz", **arrays)
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        mnist_data.load_mnist(tmp_path / "odd.npz")
