@@ -99,14 +99,24 @@ def fraction(text):
 
 def add_run_folder_options(parser, default_dir, dry_run_dir):
     """`--output-dir`, `--no-plots`, `--resume` and `--overwrite`, the same in both scripts."""
+    add_output_options(parser, default_dir, dry_run_dir)
+    add_resume_options(parser)
+
+
+def add_output_options(parser, default_dir, dry_run_dir, saved="models"):
+    """`--output-dir` and `--no-plots`; `saved` names what the run saves besides its history."""
     parser.add_argument(
         "--output-dir",
         type=pathlib.Path,
         metavar="DIR",
-        help=f"where the models, history, metrics and plots go (default {default_dir}; "
+        help=f"where the {saved}, history, metrics and plots go (default {default_dir}; "
         f"{dry_run_dir} with --dry-run)",
     )
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+
+
+def add_resume_options(parser):
+    """`--resume` and `--overwrite`."""
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -299,8 +309,12 @@ def triplet_parser(defaults):
         metavar="N",
         help="use only the first N pairs (sorted by name)",
     )
-    add_run_folder_options(
-        parser, "runs/triplet_totally_looks_like", "runs/triplet_totally_looks_like_dry_run"
+    # --resume and --overwrite come last in this script's --help, as they always have.
+    add_output_options(
+        parser,
+        "runs/triplet_totally_looks_like",
+        "runs/triplet_totally_looks_like_dry_run",
+        saved="model",
     )
     parser.add_argument(
         "--cache-features",
@@ -330,4 +344,5 @@ def triplet_parser(defaults):
         f"{defaults['dry_run_image_size']} images, weights none, 1 epoch; explicit flags "
         "still apply",
     )
+    add_resume_options(parser)
     return parser

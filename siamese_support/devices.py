@@ -107,3 +107,21 @@ def without_autotuning(dataset):
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.with_options(options)
+
+
+@contextlib.contextmanager
+def mixed_precision_policy(enabled):
+    """Compute in float16 inside the block when `enabled`, with weights in float32.
+
+    The previous global policy is restored afterwards, so that a script's `main()` called
+    inside another program leaves it as it was.
+    """
+    import keras
+
+    previous = keras.mixed_precision.dtype_policy()
+    try:
+        if enabled:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

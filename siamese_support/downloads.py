@@ -1,18 +1,43 @@
-"""Downloads and a zip extraction that cannot write outside its folder.
+"""Downloads, a zip extraction that cannot write outside its folder, pretrained weights.
 
-The tutorial runs `gdown` and `unzip` in a shell cell. A script must survive no network, a
-half-finished download and a crafted archive; that care is not the tutorial's subject.
+The tutorial runs `gdown` and `unzip` in a shell cell and lets Keras fetch ImageNet weights.
+A script must survive no network, a half-finished download, a crafted archive and a weights
+file that does not fit; that care is not the tutorial's subject.
 """
 
+import contextlib
 import os
 import pathlib
 import re
 import shutil
 import stat
 import tempfile
+import warnings
 import zipfile
 
 from siamese_support.command_line import DownloadError, one_line
+
+
+def download_dataset(destination, google_drive_ids):
+    """Download and unpack a dataset's zips from Google Drive once; return its folder.
+
+    `google_drive_ids` maps a folder name to the id of its zip (`{"left": ...}` for
+    `left.zip`, unpacked into `destination/left`). Each zip is downloaded to a temporary
+    name and renamed when complete, checked, and unpacked member by member into a temporary
+    folder that is renamed into place at the end, so an interrupted download or extraction
+    is never mistaken for a finished one. Folders already present are used as they are.
+    """
+    destination = pathlib.Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for side, file_id in google_drive_ids.items():
+        folder = destination / side
+        if folder.is_dir():
+            continue
+        zip_path = destination / f"{side}.zip"
+        if not zip_path.is_file():
+            download_from_google_drive(file_id, zip_path)
+        extract_zip_safely(zip_path, folder)
+    return destination
 
 
 def download_from_google_drive(file_id, path):
@@ -115,3 +140,51 @@ def extract_zip_safely(zip_path, folder):
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
     return folder
+
+
+def weights_choice(weights, model):
+    """`--weights` as a Keras application takes it: "imagenet", None (for "none") or a file.
+
+    A path that names no file is refused here, before anything else runs. `model` names the
+    application in the message (e.g. "ResNet50").
+    """
+    if weights is None or weights == "none":
+        return None
+    if weights != "imagenet" and not pathlib.Path(weights).is_file():
+        raise ValueError(
+            f"--weights {weights}: no such file (give imagenet, none or the path of a "
+            f"{model} .h5 / .weights.h5 weights file)"
+        )
+    return weights
+
+
+@contextlib.contextmanager
+def weights_errors(weights, model, include_top):
+    """Build a Keras application inside the block; its weights' errors become one line.
+
+    `weights` as `weights_choice` gives it. The ImageNet weights that Keras cannot download
+    (it raises a bare Exception when offline) give a `DownloadError` naming the offline
+    options; a local file that does not fit gives a `ValueError`, without the warning per
+    layer that Keras prints before it fails.
+    """
+    if weights is None:
+        yield
+        return
+    shape = "" if include_top else " without its top"
+    try:
+        with warnings.catch_warnings():
+            if weights != "imagenet":
+                warnings.simplefilter("ignore")
+            yield
+    except Exception as error:  # h5py, Keras and `get_file` raise many kinds of error
+        if weights == "imagenet":
+            raise DownloadError(
+                f"could not get the ImageNet weights of {model} ({one_line(error)}); "
+                "without a network pass --weights none (random initialisation) or "
+                "--weights PATH (a local copy of the weights file)"
+            ) from None
+        raise ValueError(
+            f"--weights {weights}: cannot load it into {model}{shape} ({one_line(error)}); "
+            f"it must be a .h5 or .weights.h5 file of {model}(include_top={include_top}) "
+            "weights"
+        ) from None

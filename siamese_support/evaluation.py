@@ -5,6 +5,8 @@ trained embedding needs a few more numbers, computed the same way for every run,
 so they live here.
 """
 
+import os
+
 import numpy as np
 
 
@@ -102,3 +104,63 @@ def recall_at_k(distance_matrix, ks=(1, 5, 10)):
     tied = np.sum(distance_matrix == correct, axis=1) - 1
     rank = closer + tied
     return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def evaluate_triplets(anchors, positives, negative_indices):
+    """Triplet accuracy, retrieval recall and similarities from validation embeddings.
+
+    `anchors[i]` and `positives[i]` embed the images of validation pair i, each image once;
+    `negative_indices` index `anchors + positives` and give the fixed validation triplets.
+    For retrieval, each anchor (`left`) ranks all validation positives (`right`) by
+    distance, the task of the Totally Looks Like paper.
+    """
+    anchors = np.asarray(anchors, np.float32)
+    positives = np.asarray(positives, np.float32)
+    negatives = np.concatenate([anchors, positives])[np.asarray(negative_indices)]
+    ap_distances = np.sum((anchors - positives) ** 2, axis=1)
+    an_distances = np.sum((anchors - negatives) ** 2, axis=1)
+    distance_matrix = pairwise_squared_distances(anchors, positives)
+    recalls = recall_at_k(distance_matrix)
+    return {
+        "triplet_accuracy": triplet_accuracy(ap_distances, an_distances),
+        **{f"recall_at_{k}": value for k, value in recalls.items()},
+        "ap_distances": ap_distances,
+        "an_distances": an_distances,
+        "positive_similarities": cosine_similarities(anchors, positives),
+        "negative_similarities": cosine_similarities(anchors, negatives),
+        "distance_matrix": distance_matrix,
+    }
+
+
+def triplet_metrics(before, after):
+    """The figures of `evaluate_triplets` before and after training, as metrics.json has them."""
+    return {
+        "triplet_accuracy_before": before["triplet_accuracy"],
+        "triplet_accuracy": after["triplet_accuracy"],
+        **{f"recall_at_{k}_before": before[f"recall_at_{k}"] for k in (1, 5, 10)},
+        **{f"recall_at_{k}": after[f"recall_at_{k}"] for k in (1, 5, 10)},
+        "positive_similarity": float(np.mean(after["positive_similarities"])),
+        "negative_similarity": float(np.mean(after["negative_similarities"])),
+    }
+
+
+def similarity_rows(anchor_images, positive_images, negative_indices, data_dir, result):
+    """One row per triplet of `evaluate_triplets`' `result`, for a CSV file.
+
+    The anchor and positive by file name, the negative (an index into `anchor_images +
+    positive_images`) by its path in `data_dir`; cosine similarities (6 decimals) and
+    squared distances (6 significant digits).
+    """
+    pool = list(anchor_images) + list(positive_images)
+    return [
+        {
+            "anchor": os.path.basename(anchor_images[row]),
+            "positive": os.path.basename(positive_images[row]),
+            "negative": os.path.relpath(pool[negative_indices[row]], data_dir),
+            "positive_similarity": f"{result['positive_similarities'][row]:.6f}",
+            "negative_similarity": f"{result['negative_similarities'][row]:.6f}",
+            "positive_distance": f"{result['ap_distances'][row]:.6g}",
+            "negative_distance": f"{result['an_distances'][row]:.6g}",
+        }
+        for row in range(len(anchor_images))
+    ]

@@ -126,3 +126,21 @@ def drop_unreadable_pairs(anchor_images, positive_images, decode_image):
                 file=sys.stderr,
             )
     return kept_anchors, kept_positives, skipped
+
+
+def load_pairs(data_dir, limit, decode_image):
+    """The readable pairs of `data_dir` (of its first `limit`), and the names of skipped ones.
+
+    Returns `(anchor_images, positive_images, skipped_anchor_names)`, and prints how many
+    pairs the folder holds and how many were skipped.
+    """
+    anchor_images, positive_images = find_image_pairs(data_dir)
+    print(f"{len(anchor_images)} image pairs in {data_dir}", flush=True)
+    if limit is not None:
+        anchor_images, positive_images = anchor_images[:limit], positive_images[:limit]
+    anchor_images, positive_images, skipped = drop_unreadable_pairs(
+        anchor_images, positive_images, decode_image
+    )
+    if skipped:
+        print(f"Skipped {len(skipped)} pairs with unreadable images", flush=True)
+    return anchor_images, positive_images, skipped

@@ -164,3 +164,22 @@ def plot_mnist_run(output_dir, history_rows, images, pairs, labels, distances, t
     plot_training_curves(history_rows, output_dir / "training_curves.png")
     plot_distance_histogram(labels, distances, threshold, output_dir / "distance_histogram.png")
     plot_pair_grid(images, pairs, labels, distances, output_dir / "pairs.png")
+
+
+def plot_triplet_run(
+    output_dir, history_rows, before, after, anchor_images, positive_images, load_image
+):
+    """The loss, distance and retrieval figures of a `triplet_totally_looks_like.py` run.
+
+    `before` and `after` are the validation evaluations (`evaluation.evaluate_triplets`),
+    `anchor_images` and `positive_images` the validation files, `load_image` their loader.
+    """
+    plot_loss(history_rows, output_dir / "loss.png")
+    plot_distance_histograms(before, after, output_dir / "distances.png")
+    plot_retrieval_examples(
+        anchor_images,
+        positive_images,
+        after["distance_matrix"],
+        output_dir / "retrieval.png",
+        load_image,
+    )

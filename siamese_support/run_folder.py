@@ -144,6 +144,24 @@ def check_same_as_interrupted_run(output_dir, name, record, describe_difference)
     write_json(record, path)
 
 
+def check_same_settings(output_dir, settings):
+    """Refuse to resume with settings other than the interrupted run's `settings.json`.
+
+    `settings` maps option names (`image_size` for `--image-size`) to values; the message
+    names each changed option with its earlier and its new value.
+    """
+
+    def changed(earlier):
+        changes = [
+            f"--{key.replace('_', '-')} {earlier.get(key)} -> {value}"
+            for key, value in settings.items()
+            if earlier.get(key) != value
+        ]
+        return f"the interrupted run in {output_dir} used other settings ({', '.join(changes)})"
+
+    check_same_as_interrupted_run(output_dir, "settings.json", settings, changed)
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Wall time of each epoch (training and validation) run in this process."""
 

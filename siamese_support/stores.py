@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
@@ -59,6 +60,35 @@ def new_store(shape, dtype, folder=None, memory_budget=None):
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
 
 
+def split_at_layer(model, base_name, cut_name):
+    """`(trunk, tail)` with `tail(trunk(x)) == model(x)`, cut inside a nested model.
+
+    `model` is functional: an input, the layers that prepare it, the nested functional
+    model `base_name`, then the layers after it. The trunk runs from the input to the
+    output of `cut_name`, a layer of the nested model; the tail holds the rest. Both share
+    the model's layers and weights: with everything before `cut_name` frozen, the trunk's
+    output can be computed once per image and stored, and training runs the tail.
+    """
+    base = model.get_layer(base_name)
+    cut = base.get_layer(cut_name).output
+    base_trunk = keras.Model(base.input, cut, name=f"{base.name}_trunk")
+    base_tail = keras.Model(cut, base.output, name=f"{base.name}_tail")
+    position = model.layers.index(base)
+
+    inputs = keras.Input(shape=model.input.shape[1:], name="image")
+    x = inputs
+    for layer in model.layers[1:position]:
+        x = layer(x)
+    trunk = keras.Model(inputs, base_trunk(x), name=f"{model.name}Trunk")
+
+    features = keras.Input(shape=trunk.output.shape[1:], name="features")
+    x = base_tail(features)
+    for layer in model.layers[position + 1 :]:
+        x = layer(x)
+    tail = keras.Model(features, x, name=f"{model.name}Tail")
+    return trunk, tail
+
+
 def image_batches(filenames, preprocess_image, batch_size):
     """A `tf.data` dataset of the image files, loaded by `preprocess_image`, in order."""
     dataset = tf.data.Dataset.from_tensor_slices(list(filenames))
@@ -96,6 +126,34 @@ def compute_trunk_features(trunk, filenames, preprocess_image, batch_size, folde
     return _fill_store(
         store, (ops.convert_to_numpy(trunk(batch, training=False)) for batch in batches)
     )
+
+
+def cache_inputs(file_lists, preprocess_image, image_size, batch_size, folder=None, trunk=None):
+    """One store per list of image files: the `trunk`'s features, or the decoded images.
+
+    With a frozen `trunk`, each image runs through it once (`compute_trunk_features`);
+    without one, each image is decoded once (`decode_images_once`). Prints what was cached,
+    its size and the time it took; returns the stores and the seconds.
+    """
+    started = time.perf_counter()
+    if trunk is not None:
+        caches = [
+            compute_trunk_features(trunk, files, preprocess_image, batch_size, folder)
+            for files in file_lists
+        ]
+    else:
+        caches = [
+            decode_images_once(files, preprocess_image, image_size, batch_size, folder)
+            for files in file_lists
+        ]
+    seconds = time.perf_counter() - started
+    what = "decoded images" if trunk is None else "features of the frozen trunk"
+    print(
+        f"Cached the {what} of {sum(len(cache) for cache in caches)} images "
+        f"({sum(cache.nbytes for cache in caches) / 1e6:,.1f} MB) in {seconds:.1f} s",
+        flush=True,
+    )
+    return caches, seconds
 
 
 def _fill_store(store, batches):
