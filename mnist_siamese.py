@@ -281,15 +281,11 @@ def predict_distances(base_network, images, pairs):
     image appears in about four pairs, and without holding batches of pair images.
     """
     # Calls on slices (dropout off) rather than `predict`, whose tracing took 0.3 s a run.
-    slice_size = evaluation_batch_size * 4
-    embeddings = np.concatenate(
-        [
-            ops.convert_to_numpy(
-                base_network(ops.cast(images[start : start + slice_size], "float32") / 255.0)
-            )
-            for start in range(0, len(images), slice_size)
-        ]
-    )
+    embeddings = []
+    for start in range(0, len(images), evaluation_batch_size * 4):
+        batch = ops.cast(images[start : start + evaluation_batch_size * 4], "float32") / 255.0
+        embeddings.append(ops.convert_to_numpy(base_network(batch)))
+    embeddings = np.concatenate(embeddings)
     # A slice of pairs at a time keeps the gathered embeddings small (memory).
     distances = []
     for start in range(0, len(pairs), evaluation_batch_size * 16):
@@ -307,7 +303,11 @@ def main(argv=None):
         args.epochs, args.data = 1, args.data or DRY_RUN_DATA
     pair_batch_size = args.batch_size or (dry_run_batch_size if args.dry_run else batch_size)
     output_dir = args.output_dir or (DRY_RUN_OUTPUT_DIR if args.dry_run else DEFAULT_OUTPUT_DIR)
-    with command_line.one_line_errors(parser.prog) as status:
+    # One run per folder; Ctrl-C, SIGTERM and failed writes say how to resume.
+    with (
+        command_line.one_line_errors(parser.prog) as status,
+        run_folder.exclusive_use(output_dir),
+    ):
         intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
         strategy, device_line = devices.choose_strategy(args.distribute)
         print(device_line, flush=True)
@@ -345,7 +345,7 @@ def main(argv=None):
         # and a pass over the test pairs took 0.09 s in batches of 1,024 against 0.12 s.
         te_dataset = make_pair_dataset(x_test, te_pairs, te_y, evaluation_batch_size)
         callbacks = run_folder.training_callbacks(output_dir)
-        with strategy.scope(), run_folder.resume_hint_on_interrupt(output_dir):
+        with strategy.scope():
             train(
                 model,
                 tr_dataset,

@@ -9,7 +9,9 @@ import argparse
 import contextlib
 import math
 import pathlib
+import signal
 import sys
+import threading
 
 
 class DownloadError(RuntimeError):
@@ -29,29 +31,49 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as schedulers (Slurm, Kubernetes) stop a job: handled like Ctrl-C."""
+
+
 class ExitStatus:
     """The exit code of the block run under `one_line_errors`."""
 
     code = 0
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 @contextlib.contextmanager
 def one_line_errors(prog, interrupted="interrupted"):
     """Turn the errors a user can cause into one line on stderr and an exit code.
 
-    `ValueError`, `OSError` and `DownloadError` give exit code 2; Ctrl-C gives 130 and its
-    message (the scripts raise `KeyboardInterrupt` with a message that says how to resume;
-    `interrupted` is said otherwise). Yields an `ExitStatus` whose `code` holds the result.
+    `ValueError`, `OSError` and `DownloadError` give exit code 2. Ctrl-C gives 130 and
+    SIGTERM 143, the shell's codes for the two signals, each with its message (the scripts
+    say how to resume; `interrupted` is said otherwise). Inside the block SIGTERM raises
+    `Terminated`, unless it was set to be ignored. Yields an `ExitStatus` whose `code`
+    holds the result.
     """
     status = ExitStatus()
+    previous = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield status
+    except Terminated as termination:
+        print(f"{prog}: {str(termination) or 'terminated'}", file=sys.stderr)
+        status.code = 143
     except KeyboardInterrupt as interrupt:
         print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
         status.code = 130
     except (ValueError, OSError, DownloadError) as error:
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         status.code = 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def whole_number(minimum):

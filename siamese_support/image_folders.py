@@ -15,12 +15,28 @@ import numpy as np
 from siamese_support.command_line import one_line
 from siamese_support.devices import stderr_silenced
 
+# The extensions `keras.utils.image_dataset_from_directory` reads, which the decoder knows.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+
+
+def is_image_file(path):
+    """Whether `path` is a visible file with an image extension (any case).
+
+    Hidden files (`.DS_Store`, editors' `._name`), Windows' `Thumbs.db` and `desktop.ini`,
+    sub-folders and notes are not; an empty or damaged image is, and is skipped later by
+    `drop_unreadable_pairs` with a warning.
+    """
+    return (
+        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+
 
 def find_image_pairs(data_dir):
     """The sorted image paths of `data_dir/left` (anchors) and `data_dir/right` (positives).
 
     The two folders must hold the same number of files, and their sorted names must match
-    pair by pair (the extension may differ). Hidden files are ignored.
+    pair by pair (the extension may differ). What is not an image file is ignored, as
+    `keras.utils.image_dataset_from_directory` does, and counted in one printed line.
     """
     data_dir = pathlib.Path(data_dir)
     if not data_dir.is_dir():
@@ -28,7 +44,7 @@ def find_image_pairs(data_dir):
             f"--data-dir {data_dir}: no such folder (it must hold left/ and right/, the "
             "Totally Looks Like layout)"
         )
-    folders = {}
+    folders, ignored = {}, 0
     for side in ("left", "right"):
         folder = data_dir / side
         if not folder.is_dir():
@@ -36,13 +52,18 @@ def find_image_pairs(data_dir):
                 f"--data-dir {data_dir} has no {side}/ folder; it must hold left/ and "
                 "right/ with one image of each pair in each"
             )
-        files = sorted(
-            (path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")),
-            key=lambda path: path.name,
-        )
+        entries = list(folder.iterdir())
+        files = sorted((path for path in entries if is_image_file(path)), key=lambda p: p.name)
+        ignored += len(entries) - len(files)
         if not files:
             raise ValueError(f"{folder} holds no images")
         folders[side] = files
+    if ignored:
+        print(
+            f"Ignored {ignored} entries that are not images in {data_dir}'s left/ and right/ "
+            "(hidden files, Thumbs.db, desktop.ini, sub-folders, other extensions)",
+            flush=True,
+        )
     anchor_images, positive_images = folders["left"], folders["right"]
     if len(anchor_images) != len(positive_images):
         raise ValueError(

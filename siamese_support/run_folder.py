@@ -7,7 +7,9 @@ that is about Siamese networks, and both scripts need the same, so it lives here
 
 import contextlib
 import csv
+import errno
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -17,6 +19,14 @@ import threading
 import time
 
 import keras
+import numpy as np
+
+from siamese_support import command_line
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 @contextlib.contextmanager
@@ -37,6 +47,9 @@ def atomic_path(path):
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        # Name the file the user knows, not the temporary one.
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -181,35 +194,67 @@ class EpochTimer(keras.callbacks.Callback):
 
 @contextlib.contextmanager
 def ctrl_c_deferred():
-    """Hold back Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
+    """Hold back Ctrl-C (SIGINT) and SIGTERM until the block is done, then deliver them.
 
-    Only the main thread can handle signals; elsewhere the block runs unprotected.
+    After the block, a held-back SIGTERM raises `command_line.Terminated` and a Ctrl-C
+    `KeyboardInterrupt`. A signal set to be ignored stays ignored. Only the main thread can
+    handle signals; elsewhere the block runs unprotected.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
     try:
         yield
     finally:
-        signal.signal(
-            signal.SIGINT, previous if previous is not None else signal.default_int_handler
-        )
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    if signal.SIGTERM in received:
+        raise command_line.Terminated
     if received:
         raise KeyboardInterrupt
 
 
 class InterruptSafeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` whose end-of-epoch save is not cut short by Ctrl-C.
+    """`BackupAndRestore` whose end-of-epoch save is neither cut short nor left half-written.
 
-    A Ctrl-C during the save would leave a half-written backup, which the resumed run
-    could not read; it is delivered once the save is complete instead.
+    A Ctrl-C or SIGTERM during the save would leave a backup the resumed run could not
+    read; it is delivered once the save is complete instead. A disk too full for the save
+    is found before it starts: the HDF5 library, out of space midway, prints pages of
+    errors and can crash the process, and the previous epoch's backup must stay intact.
     """
 
     def on_epoch_end(self, epoch, logs=None):
+        self._check_free_space()
         with ctrl_c_deferred():
             super().on_epoch_end(epoch, logs)
+
+    def _check_free_space(self):
+        backup_dir = pathlib.Path(self.backup_dir)
+        weights = backup_dir / "latest.weights.h5"
+        if weights.exists():
+            # The save first copies the last backup aside, then writes the new one.
+            needed = 2 * weights.stat().st_size
+        else:
+            variables = [*self.model.weights, *self.model.optimizer.variables]
+            needed = sum(
+                math.prod(variable.shape) * np.dtype(variable.dtype).itemsize
+                for variable in variables
+            )
+        needed += 1 << 18  # HDF5's own structures, the metadata file
+        folder = backup_dir if backup_dir.exists() else backup_dir.parent
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device for the epoch's backup: it needs about "
+                f"{needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free",
+                str(weights),
+            )
 
 
 def training_callbacks(output_dir):
@@ -233,24 +278,131 @@ def training_callbacks(output_dir):
     ]
 
 
-def interrupted_message(output_dir):
-    """What Ctrl-C during training leaves, and how to go on: the message to print."""
+def interrupted_message(output_dir, interrupt=None):
+    """What Ctrl-C (or SIGTERM, `interrupt` being `Terminated`) leaves, and how to go on."""
+    word = "terminated" if isinstance(interrupt, command_line.Terminated) else "interrupted"
     backup = pathlib.Path(output_dir) / "backup"
     if (backup / "training_metadata.json").exists():
         return (
-            f"interrupted: finished epochs are backed up in {backup}; run the same "
+            f"{word}: finished epochs are backed up in {backup}; run the same "
             "command with --resume to continue"
         )
-    return "interrupted before the first epoch finished; nothing to resume"
+    return f"{word} before the first epoch finished; nothing to resume"
 
 
 @contextlib.contextmanager
 def resume_hint_on_interrupt(output_dir):
-    """Turn Ctrl-C inside the block into a `KeyboardInterrupt` that says how to resume."""
+    """Turn Ctrl-C or SIGTERM inside the block into one that says how to resume."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_message(output_dir)) from None
+    except KeyboardInterrupt as interrupt:
+        raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
+
+
+@contextlib.contextmanager
+def exclusive_use(output_dir):
+    """This run's hold on its output folder for the block: one run per folder, failures explained.
+
+    The folder is created if needed and locked with an OS lock (`flock`) on its `.lock` file,
+    which the OS releases when the process ends, however it ends: a killed run leaves no
+    stale lock. A second run on a locked folder is refused at once, naming the process that
+    holds it. Inside the block, Ctrl-C, SIGTERM and a failed write (full disk, read-only
+    file system, lost permission) become one message that says what is kept and how to go
+    on. A folder this creates stays only if the run wrote something into it.
+    """
+    output_dir = pathlib.Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(output_dir)
+    except OSError as error:
+        _remove_if_empty(created)
+        raise ValueError(
+            f"--output-dir {output_dir} cannot be written ({error.strerror or error})"
+        ) from None
+    try:
+        yield output_dir
+    except KeyboardInterrupt as interrupt:
+        raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
+    except OSError as error:
+        if not _inside(error.filename, output_dir):
+            raise
+        raise ValueError(explain_write_error(error, output_dir)) from None
+    finally:
+        if lock is not None:
+            (output_dir / ".lock").unlink(missing_ok=True)
+            lock.close()
+        _remove_if_empty(created)
+
+
+def _lock(output_dir):
+    """Take the OS lock on `output_dir/.lock`; return its open file (None without `fcntl`)."""
+    if fcntl is None:  # Windows: no flock; the folder is not locked there
+        return None
+    path = output_dir / ".lock"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise ValueError(
+                f"--output-dir {output_dir} is in use by another run{who}; wait for it to "
+                "end, or choose another --output-dir"
+            ) from None
+        # The holder before us may have removed the file while we opened it: then our
+        # lock is on a file nobody else will see, and the lock must be taken again.
+        try:
+            same_file = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle
+        handle.close()
+
+
+def _remove_if_empty(created):
+    """Remove the folders `exclusive_use` created, deepest first, where nothing was written."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _inside(filename, folder):
+    """Whether the file an error names lies in `folder`."""
+    if not filename:
+        return False
+    try:
+        return pathlib.Path(filename).resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def explain_write_error(error, output_dir):
+    """One line for a failed write in `output_dir`: what, why, and how to go on."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        remedy = "free some space (or choose another --output-dir)"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        remedy = f"make {output_dir} writable (or choose another --output-dir)"
+    else:
+        remedy = "check the disk"
+    if (pathlib.Path(output_dir) / "backup" / "training_metadata.json").exists():
+        then = "then run the same command with --resume to continue from the last finished epoch"
+    else:
+        then = "then run the command again"
+    return f"could not write {error.filename} ({reason}); {remedy}, {then}"
 
 
 def final_history(output_dir):
