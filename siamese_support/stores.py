@@ -57,7 +57,17 @@ def new_store(shape, dtype, folder=None, memory_budget=None):
     handle, path = tempfile.mkstemp(dir=folder, prefix="store-", suffix=".npy")
     os.close(handle)
     print(f"Caching {size / 1e9:.1f} GB on disk in {path} (too large for memory)", flush=True)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    store = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    # A memory-mapped file is sparse until written: on a full disk, writing a row would kill
+    # the process with SIGBUS. Reserving its blocks now turns that into an OSError here.
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as stream:
+            try:
+                os.posix_fallocate(stream.fileno(), 0, os.path.getsize(path))
+            except OSError as error:
+                os.remove(path)
+                raise OSError(error.errno, error.strerror, path) from None
+    return store
 
 
 def split_at_layer(model, base_name, cut_name):
