@@ -13,6 +13,7 @@ temporary folder and measures, at 200 x 200 and batch 32:
 """
 
 import argparse
+import functools
 import pathlib
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import triplet_totally_looks_like as tll  # noqa: E402
+from siamese_support import image_folders, stores, synthetic  # noqa: E402
 
 
 def main(argv=None):
@@ -33,25 +35,32 @@ def main(argv=None):
     args = parser.parse_args(argv)
     image_size = tll.target_shape
     with tempfile.TemporaryDirectory() as folder:
-        tll.make_synthetic_dataset(folder, pairs=args.pairs, image_size=250, seed=0)
-        anchors, positives = tll.find_image_pairs(folder)
+        synthetic.make_synthetic_dataset(folder, pairs=args.pairs, image_size=250, seed=0)
+        anchors, positives = image_folders.find_image_pairs(folder)
+        load_image = functools.partial(tll.preprocess_image, image_size=image_size)
 
         example = tll.make_dataset(
             tll.training_triplets(anchors, positives).repeat(), image_size, args.batch_size
         )
-        print(f"example {tll.pipeline_throughput(example, args.batches):.0f} triplets/s")
+        print(f"example {stores.pipeline_throughput(example, args.batches):.0f} triplets/s")
 
         started = time.perf_counter()
-        images = tll.decode_images_once(anchors + positives, image_size)
+        images = stores.decode_images_once(
+            anchors + positives, load_image, image_size, tll.batch_size
+        )
         seconds = time.perf_counter() - started
         print(f"decoding {len(images)} images once: {seconds:.2f} s")
         indices = tll.training_triplet_indices(len(anchors)).repeat()
-        decoded_once = tll.make_store_dataset(images, indices, args.batch_size)
-        print(f"decoded_once {tll.pipeline_throughput(decoded_once, args.batches):.0f} triplets/s")
+        decoded_once = stores.make_store_dataset(images, indices, args.batch_size)
+        print(
+            f"decoded_once {stores.pipeline_throughput(decoded_once, args.batches):.0f} triplets/s"
+        )
 
         features = np.random.default_rng(0).random((len(images), 7, 7, 2048), np.float32)
-        feature_batches = tll.make_store_dataset(features, indices, args.batch_size)
-        print(f"features {tll.pipeline_throughput(feature_batches, args.batches):.0f} triplets/s")
+        feature_batches = stores.make_store_dataset(features, indices, args.batch_size)
+        print(
+            f"features {stores.pipeline_throughput(feature_batches, args.batches):.0f} triplets/s"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import triplet_totally_looks_like as tll  # noqa: E402
+from siamese_support import stores  # noqa: E402
 
 
 class _BatchTimer(tll.keras.callbacks.Callback):
@@ -51,7 +52,7 @@ def step_times(args):
     network = embedding
     started = time.perf_counter()
     if args.cache_features:
-        trunk, network = tll.split_embedding_network(embedding)
+        trunk, network = stores.split_at_layer(embedding, "resnet50", tll.first_trainable_layer)
         batch = tuple(tll.ops.convert_to_numpy(trunk(images, training=False)) for images in batch)
     setup_seconds = time.perf_counter() - started
     siamese_model = tll.SiameseModel(tll.build_siamese_network(network))

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import csv
+import functools
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,16 +24,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import triplet_totally_looks_like as tll  # noqa: E402
+from siamese_support import stores, synthetic  # noqa: E402
 from triplet_totally_looks_like import keras  # noqa: E402
 
 
 def _start(args, cwd):
+    # Default signal handling: a test interrupts the script, not the shell the suite runs in.
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), *[str(arg) for arg in args]],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=helpers.default_signal_handling,
     )
 
 
@@ -140,7 +145,7 @@ def test_dry_run_model_reloads_and_gives_the_same_embeddings(dry_run, tmp_path):
     assert model.name == "Embedding"
     assert model.input.shape[1:] == (64, 64, 3)
     # The dry run's data is generated from the seed: regenerate it to embed the same files.
-    data_dir = tll.make_synthetic_dataset(tmp_path, pairs=tll.dry_run_pairs, seed=42)
+    data_dir = synthetic.make_synthetic_dataset(tmp_path, pairs=tll.dry_run_pairs, seed=42)
     with open(output_dir / "similarities.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 10
@@ -151,7 +156,8 @@ def test_dry_run_model_reloads_and_gives_the_same_embeddings(dry_run, tmp_path):
         assert pathlib.Path(negative).stem != pathlib.Path(anchor).stem
 
     def embed(files):
-        return tll.embed_images(model, files, (64, 64))
+        load_image = functools.partial(tll.preprocess_image, image_size=(64, 64))
+        return model.predict(stores.image_batches(files, load_image, 32), verbose=0)
 
     anchor_embeddings = embed(anchors)
     ap = np.sum((anchor_embeddings - embed(positives)) ** 2, axis=1)
@@ -165,9 +171,44 @@ def test_dry_run_model_reloads_and_gives_the_same_embeddings(dry_run, tmp_path):
 # ---------------------------------------------------------------------------
 
 
+# The script run as `python triplet_totally_looks_like.py ...`, reporting afterwards whether
+# TensorFlow or Keras had been imported when the command line answered.
+BEFORE_TENSORFLOW = """
+import os, runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python SCRIPT` puts it first
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    loaded = sorted({"tensorflow", "keras"} & set(sys.modules))
+    print("imported:", ", ".join(loaded) or "nothing", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args, code, expected",
+    [
+        (["--help"], 0, "usage: triplet_totally_looks_like.py"),
+        (["--epochs", "0"], 2, "argument --epochs: must be a positive number"),
+        (["--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_help_and_mistakes_answer_before_tensorflow_is_imported(tmp_path, args, code, expected):
+    result = subprocess.run(
+        [sys.executable, "-c", BEFORE_TENSORFLOW, str(SCRIPT), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == code, result.stderr
+    assert expected in result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1] == "imported: nothing"
+
+
 def _make_case_folders(root):
     """Data folders for the bad-input cases, from one small generated dataset."""
-    good = tll.make_synthetic_dataset(root / "good", pairs=40, image_size=32, seed=1)
+    good = synthetic.make_synthetic_dataset(root / "good", pairs=40, image_size=32, seed=1)
     folders = {"good": good}
 
     no_left = root / "no_left"
@@ -175,20 +216,20 @@ def _make_case_folders(root):
     (no_left / "right" / "00000.jpg").write_bytes((good / "right" / "00000.jpg").read_bytes())
     folders["no_left"] = no_left
 
-    right_empty = tll.make_synthetic_dataset(root / "right_empty", pairs=3, image_size=32)
+    right_empty = synthetic.make_synthetic_dataset(root / "right_empty", pairs=3, image_size=32)
     for path in (right_empty / "right").iterdir():
         path.unlink()
     folders["right_empty"] = right_empty
 
-    uneven = tll.make_synthetic_dataset(root / "uneven", pairs=10, image_size=32)
+    uneven = synthetic.make_synthetic_dataset(root / "uneven", pairs=10, image_size=32)
     (uneven / "right" / "00009.jpg").unlink()
     folders["uneven"] = uneven
 
-    misnamed = tll.make_synthetic_dataset(root / "misnamed", pairs=10, image_size=32)
+    misnamed = synthetic.make_synthetic_dataset(root / "misnamed", pairs=10, image_size=32)
     (misnamed / "right" / "00003.jpg").rename(misnamed / "right" / "00003b.jpg")
     folders["misnamed"] = misnamed
 
-    unreadable = tll.make_synthetic_dataset(root / "unreadable", pairs=3, image_size=32)
+    unreadable = synthetic.make_synthetic_dataset(root / "unreadable", pairs=3, image_size=32)
     for path in (unreadable / "left").iterdir():
         path.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     folders["unreadable"] = unreadable
@@ -313,7 +354,7 @@ def test_bad_input_leaves_finished_run_and_names_unreadable_files(bad_input_resu
 
 def _make_odd_folder(root):
     """Generated pairs where some files are odd-but-valid and two are corrupt."""
-    folder = tll.make_synthetic_dataset(root / "odd", pairs=26, image_size=48, seed=5)
+    folder = synthetic.make_synthetic_dataset(root / "odd", pairs=26, image_size=48, seed=5)
     left = folder / "left"
 
     def replace(name, save, **options):

@@ -1,8 +1,8 @@
 """The triplet script's fast paths: decode-once stores, cached trunk features, mixed
 precision, XLA and tf.distribute, each checked against the plain path on CPU."""
 
-import argparse
 import csv
+import functools
 import json
 import pathlib
 import subprocess
@@ -17,20 +17,31 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import triplet_totally_looks_like as tll  # noqa: E402
+from siamese_support import command_line, image_folders, run_folder, stores, synthetic  # noqa: E402
 from triplet_totally_looks_like import keras, ops, tf  # noqa: E402
 
 SIZE = 64  # conv5_block1_out is 2 x 2 x 2048 here: small, but more than one position
 
 
+def _loader(size):
+    """The script's image loader at `size` x `size`, as it hands it to the stores."""
+    return functools.partial(tll.preprocess_image, image_size=(size, size))
+
+
+def _split(embedding):
+    """The frozen trunk and the trainable tail of the script's embedding network."""
+    return stores.split_at_layer(embedding, "resnet50", tll.first_trainable_layer)
+
+
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
-    return tll.make_synthetic_dataset(folder, pairs=12, image_size=80, seed=3)
+    return synthetic.make_synthetic_dataset(folder, pairs=12, image_size=80, seed=3)
 
 
 @pytest.fixture(scope="module")
 def image_files(pairs_dir):
-    anchors, positives = tll.find_image_pairs(pairs_dir)
+    anchors, positives = image_folders.find_image_pairs(pairs_dir)
     return anchors + positives
 
 
@@ -49,17 +60,17 @@ def mixed_precision():
 
 
 def test_a_store_too_large_for_its_budget_is_a_file_on_disk(tmp_path):
-    in_memory = tll.new_store((3, 4), np.uint8, tmp_path, memory_budget=12)
-    on_disk = tll.new_store((3, 4), np.uint8, tmp_path, memory_budget=11)
+    in_memory = stores.new_store((3, 4), np.uint8, tmp_path, memory_budget=12)
+    on_disk = stores.new_store((3, 4), np.uint8, tmp_path, memory_budget=11)
     assert not isinstance(in_memory, np.memmap)
     assert isinstance(on_disk, np.memmap)
     assert [path.suffix for path in tmp_path.iterdir()] == [".npy"]
     with pytest.raises(ValueError, match="does not fit in memory"):
-        tll.new_store((3, 4), np.uint8, None, memory_budget=0)
+        stores.new_store((3, 4), np.uint8, None, memory_budget=0)
 
 
 def test_decode_images_once_keeps_the_pixels_the_example_computes(image_files):
-    store = tll.decode_images_once(image_files, (SIZE, SIZE), batch_size=5)
+    store = stores.decode_images_once(image_files, _loader(SIZE), (SIZE, SIZE), 5)
     assert store.dtype == np.float32 and store.shape == (len(image_files), SIZE, SIZE, 3)
     for row in (0, 7, len(image_files) - 1):
         expected = tll.preprocess_image(image_files[row], (SIZE, SIZE)).numpy()
@@ -67,12 +78,12 @@ def test_decode_images_once_keeps_the_pixels_the_example_computes(image_files):
 
 
 def test_store_batches_are_the_indexed_rows_from_memory_or_disk(tmp_path, image_files):
-    in_memory = tll.decode_images_once(image_files, (SIZE, SIZE))
-    on_disk = tll.new_store(in_memory.shape, np.float32, tmp_path, memory_budget=0)
+    in_memory = stores.decode_images_once(image_files, _loader(SIZE), (SIZE, SIZE), 32)
+    on_disk = stores.new_store(in_memory.shape, np.float32, tmp_path, memory_budget=0)
     on_disk[:] = in_memory
     indices = tll.validation_triplet_indices([3, 0, 1, 2])
     for store in (in_memory, on_disk):
-        anchor, positive, negative = next(iter(tll.make_store_dataset(store, indices, 4)))
+        anchor, positive, negative = next(iter(stores.make_store_dataset(store, indices, 4)))
         assert anchor.dtype == tf.float32
         np.testing.assert_array_equal(anchor.numpy(), in_memory[:4])
         np.testing.assert_array_equal(positive.numpy(), in_memory[4:8])
@@ -92,18 +103,18 @@ def test_training_triplet_indices_follow_the_file_name_triplets():
 
 def test_pipeline_throughput_counts_triplets():
     indices = tll.validation_triplet_indices(np.zeros(40, np.int64))
-    dataset = tll.make_store_dataset(np.zeros((80, 8), np.float32), indices, 8)
-    assert tll.pipeline_throughput(dataset, batches=3) > 0
+    dataset = stores.make_store_dataset(np.zeros((80, 8), np.float32), indices, 8)
+    assert stores.pipeline_throughput(dataset, batches=3) > 0
 
 
 def test_store_batches_run_without_autotuning():
     indices = tll.validation_triplet_indices(np.zeros(40, np.int64))
-    dataset = tll.make_store_dataset(np.zeros((80, 8), np.float32), indices, 8)
+    dataset = stores.make_store_dataset(np.zeros((80, 8), np.float32), indices, 8)
     assert dataset.options().autotune.enabled is False
     assert indices.options().autotune.enabled is not False
     # Turning autotuning off changes neither the batches nor their order.
     store = np.arange(80 * 8, dtype=np.float32).reshape(80, 8)
-    untuned = tll.make_store_dataset(store, indices, 8)
+    untuned = stores.make_store_dataset(store, indices, 8)
     tuned = untuned.with_options(_autotuned())
     assert tuned.options().autotune.enabled is True
     for first, second in zip(untuned, tuned, strict=True):
@@ -128,21 +139,61 @@ def _loss_and_gradients(siamese_model, batch, weights):
     return float(loss), [ops.convert_to_numpy(g) for g in tape.gradient(loss, weights)]
 
 
+# Each weight's gradient through the cached features must be its gradient through the whole
+# network up to rounding, compared by the relative norm of the difference, |g_cached - g| /
+# |g|, rather than element by element (4 million float32 values in dense/kernel alone, some
+# near zero, fail any element-wise tolerance on rounding). The two paths reach the trainable
+# layers through differently batched convolutions, whose algorithms may round differently.
+# Measured here in a scratch run: the two paths agreed exactly on this machine; cached
+# features perturbed by 1, 8 and 64 float32 rounding steps (relative 2**-23, 2**-20 and
+# 2**-17, more than two convolution algorithms differ by) moved the worst weight's gradient
+# by up to 6e-5, 7.5e-3 and 1.7e-2 of its norm (two draws each). Real differences moved it
+# by 1.0: the head's or the ResNet tail's BatchNormalization layers in inference mode, a
+# tail without its last BatchNormalization. The bound sits between the two: three times the
+# largest rounding effect measured, a twentieth of a real difference.
+GRADIENT_BOUND = 5e-2
+# Some gradients are zero in exact arithmetic: a bias followed by BatchNormalization (which
+# subtracts it again), and the last layer's bias and the last BatchNormalization's beta
+# (which shift all three embeddings alike, and distances ignore a shift). Computed, they
+# are rounding noise, about 1e-9 of the largest gradient, and a relative difference means
+# nothing there; they are checked to vanish in both paths instead.
+VANISHING = 1e-6
+
+
+def _gradient_differences(weights, gradients, other_gradients):
+    """`(relative, vanishing)`: |other - g| / |g| by weight path, and the vanishing paths.
+
+    A gradient vanishes when its norm is at most VANISHING times the largest gradient's;
+    it must then vanish in `other_gradients` too, or it counts as a difference of 1.
+    """
+    largest = max(np.linalg.norm(gradient) for gradient in gradients)
+    relative, vanishing = {}, []
+    for weight, gradient, other in zip(weights, gradients, other_gradients, strict=True):
+        if np.linalg.norm(gradient) > VANISHING * largest:
+            difference = np.linalg.norm(other - gradient) / np.linalg.norm(gradient)
+            relative[weight.path] = float(difference)
+        elif np.linalg.norm(other) <= VANISHING * largest:
+            vanishing.append(weight.path)
+        else:
+            relative[weight.path] = 1.0
+    return relative, vanishing
+
+
 def test_cached_features_give_the_same_loss_and_gradients(image_files):
     keras.utils.set_random_seed(0)
     embedding = tll.build_embedding_network((SIZE, SIZE), weights=None)
-    trunk, tail = tll.split_embedding_network(embedding)
-    images = tll.decode_images_once(image_files, (SIZE, SIZE))
-    features = tll.compute_trunk_features(trunk, image_files, (SIZE, SIZE), batch_size=5)
+    trunk, tail = _split(embedding)
+    images = stores.decode_images_once(image_files, _loader(SIZE), (SIZE, SIZE), 32)
+    features = stores.compute_trunk_features(trunk, image_files, _loader(SIZE), 5)
     assert features.dtype == np.float32 and features.shape[1:] == (2, 2, 2048)
 
     pair_count = len(image_files) // 2
     negatives = tll.choose_negatives(pair_count, rng=1)
     image_batch = next(
-        iter(tll.make_store_dataset(images, tll.validation_triplet_indices(negatives), 8))
+        iter(stores.make_store_dataset(images, tll.validation_triplet_indices(negatives), 8))
     )
     feature_batch = next(
-        iter(tll.make_store_dataset(features, tll.validation_triplet_indices(negatives), 8))
+        iter(stores.make_store_dataset(features, tll.validation_triplet_indices(negatives), 8))
     )
 
     uncached = tll.SiameseModel(tll.build_siamese_network(embedding))
@@ -154,11 +205,12 @@ def test_cached_features_give_the_same_loss_and_gradients(image_files):
 
     assert loss > 0
     assert abs(cached_loss - loss) / loss <= 1e-3
-    scale = max(np.max(np.abs(gradient)) for gradient in gradients)
-    for weight, gradient, cached_gradient in zip(weights, gradients, cached_gradients, strict=True):
-        np.testing.assert_allclose(
-            cached_gradient, gradient, rtol=1e-3, atol=1e-5 * scale, err_msg=weight.path
-        )
+    relative, vanishing = _gradient_differences(weights, gradients, cached_gradients)
+    # Only biases and betas vanish; every kernel and gamma is compared.
+    assert all(path.endswith(("/bias", "/beta")) for path in vanishing), vanishing
+    assert len(relative) > len(weights) // 2
+    worst = max(relative, key=relative.get)
+    assert relative[worst] <= GRADIENT_BOUND, (worst, relative[worst])
 
 
 def _run_script(arguments):
@@ -173,6 +225,9 @@ def test_training_on_cached_features_matches_training_on_images(tmp_path, pairs_
     cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
     images = json.loads((tmp_path / "images" / "metrics.json").read_text())
     assert cached["cache_features"] is True and images["cache_features"] is False
+    # Without --mixed-precision it is on only where TensorFlow sees a GPU.
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert cached["mixed_precision"] is gpu and images["mixed_precision"] is gpu
     history = {}
     for name in ("cached", "images"):
         lines = (tmp_path / name / "history.csv").read_text().splitlines()
@@ -200,9 +255,9 @@ def test_mixed_precision_computes_in_float16_and_keeps_distances_and_loss_in_flo
 ):
     keras.utils.set_random_seed(0)
     embedding = tll.build_embedding_network((32, 32), weights=None)
-    trunk, tail = tll.split_embedding_network(embedding)
-    images = tll.decode_images_once(image_files[:8], (32, 32))
-    features = tll.compute_trunk_features(trunk, image_files[:8], (32, 32))
+    trunk, tail = _split(embedding)
+    images = stores.decode_images_once(image_files[:8], _loader(32), (32, 32), 32)
+    features = stores.compute_trunk_features(trunk, image_files[:8], _loader(32), 32)
     assert features.dtype == np.float16  # the cache holds what the trunk computes
     assert embedding.get_layer("resnet50").compute_dtype == "float16"
     assert all(weight.dtype == "float32" for weight in embedding.weights)
@@ -243,10 +298,13 @@ def test_the_mixed_precision_flag_sets_the_policy_for_the_run_only(tmp_path, pai
     assert keras.mixed_precision.dtype_policy().name == "float32"
 
 
-def test_mixed_precision_is_on_by_default_only_with_a_gpu():
-    args = tll.resolve_settings(tll.build_argument_parser().parse_args(["--dry-run"]))
-    assert args.mixed_precision is bool(tf.config.list_physical_devices("GPU"))
-    args = tll.build_argument_parser().parse_args(["--no-mixed-precision", "--jit-compile"])
+def test_mixed_precision_and_xla_flags_are_read_and_default_to_unset():
+    # Unset, the script decides: mixed precision with a GPU (checked on a run's metrics in
+    # test_training_on_cached_features_matches_training_on_images), XLA as Keras decides.
+    parser = command_line.triplet_parser(tll.PARSER_DEFAULTS)
+    args = parser.parse_args(["--dry-run"])
+    assert args.mixed_precision is None and args.jit_compile is None
+    args = parser.parse_args(["--no-mixed-precision", "--jit-compile"])
     assert args.mixed_precision is False and args.jit_compile is True
 
 
@@ -255,19 +313,20 @@ def test_an_xla_compiled_step_gives_the_same_loss(image_files):
     for jit_compile in (False, True):
         keras.utils.set_random_seed(0)
         embedding = tll.build_embedding_network((32, 32), weights=None)
-        trunk, tail = tll.split_embedding_network(embedding)
-        features = tll.compute_trunk_features(trunk, image_files, (32, 32))
+        trunk, tail = _split(embedding)
+        features = stores.compute_trunk_features(trunk, image_files, _loader(32), 32)
         # Each anchor is its own negative: the loss is positive.
         anchors_as_negatives = np.arange(len(image_files) // 2)
-        dataset = tll.make_store_dataset(
+        dataset = stores.make_store_dataset(
             features, tll.validation_triplet_indices(anchors_as_negatives), 4
         )
         siamese_model = tll.SiameseModel(tll.build_siamese_network(tail))
-        settings = argparse.Namespace(learning_rate=1e-3, epochs=1, jit_compile=jit_compile)
+        # Compiled as the script compiles it: Adam, and XLA on or off.
+        siamese_model.compile(keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
         before = [np.array(weight.numpy()) for weight in tail.trainable_weights]
         # One step: its loss is computed before the update, from the same weights. (Over
         # more steps Adam turns rounding noise in near-zero gradients into visible changes.)
-        history = tll.train(siamese_model, dataset.take(1), dataset.take(1), settings)
+        history = siamese_model.fit(dataset.take(1), validation_data=dataset.take(1), verbose=0)
         assert siamese_model.jit_compile is jit_compile
         after = [weight.numpy() for weight in tail.trainable_weights]
         assert any(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
@@ -289,6 +348,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 sys.path.insert(0, sys.argv[1])
 import triplet_totally_looks_like as tll
 from triplet_totally_looks_like import keras
+from siamese_support import devices
 """
 
 # One SGD step on a model without BatchNormalization, on one device and then mirrored over
@@ -302,7 +362,7 @@ ONE_STEP_RUNNER = SPLIT_CPU + textwrap.dedent(
     rng = np.random.default_rng(0)
     batch = tuple(rng.normal(size=(8, 5)).astype("float32") for _ in range(3))
     for name in ("none", "mirrored"):
-        strategy, line = tll.choose_strategy(name)
+        strategy, line = devices.choose_strategy(name)
         with strategy.scope():
             keras.utils.set_random_seed(0)
             inputs = keras.Input((5,))
@@ -346,7 +406,7 @@ def test_mirrored_training_step_averages_the_loss_over_the_global_batch():
 def test_the_script_under_mirrored_strategy_gives_losses_close_to_one_device(tmp_path):
     # Pairs that barely look alike, so that many triplets violate the margin and the loss
     # is well above zero; 32 training pairs make two batches of 16, 8 per replica.
-    pairs_dir = tll.make_synthetic_dataset(
+    pairs_dir = synthetic.make_synthetic_dataset(
         tmp_path / "pairs", pairs=40, image_size=48, seed=3, jitter=8.0
     )
     arguments = ["--data-dir", str(pairs_dir), "--image-size", "32", "--batch-size", "16"]
@@ -395,6 +455,6 @@ def test_preparing_the_output_folder_removes_caches_of_a_killed_run(tmp_path):
     leftover.mkdir()
     (leftover / "store-1.npy").write_bytes(b"\0" * 10)
     (tmp_path / "notes.txt").write_text("mine")
-    tll.prepare_output_dir(tmp_path)
+    run_folder.prepare_output_dir(tmp_path, outputs=tll.OUTPUT_FILES)
     assert not leftover.exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -1,7 +1,9 @@
 """In-process tests of triplet_totally_looks_like.py: downloads, zips, output folders."""
 
 import json
+import os
 import pathlib
+import signal
 import stat
 import sys
 import zipfile
@@ -13,6 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import triplet_totally_looks_like as tll  # noqa: E402
+from siamese_support import command_line, downloads, image_folders, run_folder, synthetic  # noqa: E402
 
 
 def _leftovers(folder):
@@ -37,7 +40,7 @@ def test_extract_zip_safely_unpacks_the_top_folder(tmp_path):
         tmp_path / "left.zip",
         [("left/", b""), ("left/00000.jpg", b"a"), ("left/sub/00001.jpg", b"b")],
     )
-    folder = tll.extract_zip_safely(zip_path, tmp_path / "left")
+    folder = downloads.extract_zip_safely(zip_path, tmp_path / "left")
     assert (folder / "00000.jpg").read_bytes() == b"a"
     assert (folder / "sub" / "00001.jpg").read_bytes() == b"b"
     assert not _leftovers(tmp_path)
@@ -45,7 +48,7 @@ def test_extract_zip_safely_unpacks_the_top_folder(tmp_path):
 
 def test_extract_zip_safely_without_top_folder(tmp_path):
     zip_path = _make_zip(tmp_path / "right.zip", [("00000.jpg", b"a"), ("00001.jpg", b"b")])
-    folder = tll.extract_zip_safely(zip_path, tmp_path / "right")
+    folder = downloads.extract_zip_safely(zip_path, tmp_path / "right")
     assert sorted(path.name for path in folder.iterdir()) == ["00000.jpg", "00001.jpg"]
 
 
@@ -78,7 +81,7 @@ def test_crafted_zip_is_rejected_before_anything_is_written(tmp_path, member, re
         else:
             archive.writestr(member, b"evil")
     with pytest.raises(ValueError, match=f"refusing to extract member .*{reason}"):
-        tll.extract_zip_safely(zip_path, zip_path.parent / "left")
+        downloads.extract_zip_safely(zip_path, zip_path.parent / "left")
     assert sorted(path.name for path in zip_path.parent.iterdir()) == ["left.zip"]
     assert not list(tmp_path.rglob("evil.txt"))
 
@@ -92,10 +95,10 @@ def test_corrupt_and_non_zip_files_are_rejected(tmp_path):
     content[position + 10] = ord("B")  # breaks the member's CRC
     zip_path.write_bytes(bytes(content))
     with pytest.raises(ValueError, match="corrupt"):
-        tll.extract_zip_safely(zip_path, tmp_path / "left")
+        downloads.extract_zip_safely(zip_path, tmp_path / "left")
     (tmp_path / "right.zip").write_bytes(b"<html>quota exceeded</html>")
     with pytest.raises(ValueError, match="not a valid zip file"):
-        tll.extract_zip_safely(tmp_path / "right.zip", tmp_path / "right")
+        downloads.extract_zip_safely(tmp_path / "right.zip", tmp_path / "right")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["left.zip", "right.zip"]
 
 
@@ -144,8 +147,8 @@ def test_gdown_returning_nothing_is_a_download_error(tmp_path, offline_cache, mo
 
     monkeypatch.setattr(gdown, "download", lambda *args, **kwargs: None)
     offline_cache.mkdir()
-    with pytest.raises(tll.DownloadError, match="--data-dir"):
-        tll.download_from_google_drive("some-id", offline_cache / "left.zip")
+    with pytest.raises(command_line.DownloadError, match="--data-dir"):
+        downloads.download_from_google_drive("some-id", offline_cache / "left.zip")
     assert list(offline_cache.iterdir()) == []
 
 
@@ -178,12 +181,12 @@ def test_downloaded_zips_are_extracted_once_and_counted(tmp_path, offline_cache,
         return output
 
     monkeypatch.setattr(gdown, "download", serve)
-    folder = tll.download_dataset()
+    folder = downloads.download_dataset(tll.cache_dir, tll.google_drive_ids)
     assert folder == offline_cache
-    anchors, positives = tll.find_image_pairs(folder)
+    anchors, positives = image_folders.find_image_pairs(folder)
     assert len(anchors) == len(positives) == 3
     # A second call finds the folders and downloads nothing.
-    tll.download_dataset()
+    downloads.download_dataset(tll.cache_dir, tll.google_drive_ids)
     assert len(calls) == 2
     assert not _leftovers(offline_cache)
 
@@ -193,51 +196,56 @@ def test_downloaded_zips_are_extracted_once_and_counted(tmp_path, offline_cache,
 # ---------------------------------------------------------------------------
 
 
+def prepare(output_dir, **options):
+    """The script's output-folder rules: `run_folder.prepare_output_dir` with its outputs."""
+    return run_folder.prepare_output_dir(output_dir, outputs=tll.OUTPUT_FILES, **options)
+
+
 def test_prepare_output_dir_rules(tmp_path):
     output_dir = tmp_path / "run"
-    assert tll.prepare_output_dir(output_dir) == output_dir
+    assert prepare(output_dir) == output_dir
     (output_dir / "metrics.json").write_text(json.dumps({"dry_run": False}))
     (output_dir / "loss.png").write_bytes(b"old")
     (output_dir / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="already holds a finished run.*--overwrite"):
-        tll.prepare_output_dir(output_dir)
+        prepare(output_dir)
     with pytest.raises(ValueError, match="already holds a finished run"):
-        tll.prepare_output_dir(output_dir, dry_run=True)
-    tll.prepare_output_dir(output_dir, overwrite=True)
+        prepare(output_dir, dry_run=True)
+    prepare(output_dir, overwrite=True)
     assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt"]
 
     (output_dir / "backup").mkdir()
     with pytest.raises(ValueError, match="interrupted run.*--resume.*--overwrite"):
-        tll.prepare_output_dir(output_dir)
-    tll.prepare_output_dir(output_dir, resume=True)
+        prepare(output_dir)
+    prepare(output_dir, resume=True)
     assert (output_dir / "backup").exists()
 
     # A dry run may replace an earlier dry run.
     dry_dir = tmp_path / "dry"
-    tll.prepare_output_dir(dry_dir)
+    prepare(dry_dir)
     (dry_dir / "metrics.json").write_text(json.dumps({"dry_run": True}))
-    tll.prepare_output_dir(dry_dir, dry_run=True)
+    prepare(dry_dir, dry_run=True)
     assert not (dry_dir / "metrics.json").exists()
 
 
 def test_prepare_output_dir_refuses_files_and_unwritable_places(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
-        tll.prepare_output_dir(tmp_path / "file")
+        prepare(tmp_path / "file")
     with pytest.raises(ValueError, match="cannot be written"):
-        tll.prepare_output_dir(tmp_path / "file" / "below")
+        prepare(tmp_path / "file" / "below")
 
 
 def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "metrics.json"
-    tll.write_json({"a": 1}, path)
+    run_folder.write_json({"a": 1}, path)
     with pytest.raises(RuntimeError):
-        with tll._atomic_path(path) as temporary:
+        with run_folder.atomic_path(path) as temporary:
             pathlib.Path(temporary).write_text("half")
             raise RuntimeError("crash midway")
     assert json.loads(path.read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
-    tll.write_csv([{"epoch": 0, "loss": 1.5}], ["epoch", "loss"], tmp_path / "h.csv")
+    run_folder.write_csv([{"epoch": 0, "loss": 1.5}], tmp_path / "h.csv", ["epoch", "loss"])
     assert (tmp_path / "h.csv").read_text().splitlines() == ["epoch,loss", "0,1.5"]
 
 
@@ -245,34 +253,65 @@ def test_final_history_keeps_the_last_row_of_each_epoch(tmp_path):
     (tmp_path / "history-progress.csv").write_text(
         "epoch,loss,val_loss\n0,3,3\n1,2,2\n1,1.5,1.8\n2,1,1\n"
     )
-    rows = tll.final_history(tmp_path)
+    rows = run_folder.final_history(tmp_path)
     assert [(row["epoch"], row["loss"]) for row in rows] == [("0", "3"), ("1", "1.5"), ("2", "1")]
 
 
-def test_resume_refuses_a_different_split(tmp_path):
+def test_resume_refuses_a_different_split(tmp_path, capsys):
+    pairs = synthetic.make_synthetic_dataset(tmp_path / "pairs", pairs=10, image_size=32, seed=1)
+    output_dir = tmp_path / "out"
+    arguments = ["--data-dir", pairs, "--weights", "none", "--image-size", "32"]
+    arguments += ["--batch-size", "4", "--no-plots", "--resume", "--output-dir", output_dir]
+    output_dir.mkdir()
+    split = {"train": ["00000.jpg", "00001.jpg"], "validation": ["00002.jpg", "00003.jpg"]}
+    (output_dir / "split.json").write_text(json.dumps(split))
+    (output_dir / "backup").mkdir()
+    code, _, err = _run_main(capsys, arguments)
+    assert code == 2
+    assert err == (
+        "triplet_totally_looks_like.py: error: the pairs or their split differ from those of "
+        f"the interrupted run in {output_dir} (data, --limit, --validation-split or --seed "
+        "changed); rerun its exact command with --resume, or pass --overwrite to start over\n"
+    )
+    assert json.loads((output_dir / "split.json").read_text()) == split
+    assert not (output_dir / "settings.json").exists()
+
+
+def test_a_split_is_compared_only_with_an_interrupted_runs(tmp_path):
+    # The rule the script relies on: without a backup there is nothing to continue, and
+    # any split is fine (and recorded); with one, the same split passes.
     split = {"train": ["00000.jpg", "00001.jpg"], "validation": ["00002.jpg", "00003.jpg"]}
     (tmp_path / "split.json").write_text(json.dumps(split))
-    # Without a backup there is nothing to continue: any split is fine.
-    tll._check_resumed_split(tmp_path, {"train": [], "validation": []})
+    other = {"train": [], "validation": []}
+    run_folder.check_same_as_interrupted_run(tmp_path, "split.json", other, str)
+    assert json.loads((tmp_path / "split.json").read_text()) == other
     (tmp_path / "backup").mkdir()
-    tll._check_resumed_split(tmp_path, split)
-    changed = {"train": ["00000.jpg", "00002.jpg"], "validation": ["00001.jpg", "00003.jpg"]}
-    with pytest.raises(ValueError, match="differ from those of the interrupted run.*--overwrite"):
-        tll._check_resumed_split(tmp_path, changed)
+    run_folder.check_same_as_interrupted_run(tmp_path, "split.json", other, str)
+    with pytest.raises(ValueError, match="changed.*--overwrite"):
+        run_folder.check_same_as_interrupted_run(tmp_path, "split.json", split, lambda _: "changed")
 
 
-def test_ctrl_c_during_a_backup_is_delivered_after_it():
-    import os
-    import signal
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this test, whatever the runner inherited.
 
+    A suite started as a background job runs with SIGINT ignored; the fixture installs
+    Python's default handler and puts the previous one back afterwards.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_backup_is_delivered_after_it(ctrl_c_raises):
     finished = []
     with pytest.raises(KeyboardInterrupt):
-        with tll._ctrl_c_deferred():
+        with run_folder.ctrl_c_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             finished.append("save completed")
     assert finished == ["save completed"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    callbacks = tll.training_callbacks(pathlib.Path("out"))
+    callbacks = run_folder.training_callbacks(pathlib.Path("out"))
     assert [type(callback).__name__ for callback in callbacks] == [
         "CSVLogger",
         "InterruptSafeBackupAndRestore",

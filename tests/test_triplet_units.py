@@ -14,6 +14,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import triplet_totally_looks_like as tll  # noqa: E402
+from siamese_support import command_line, evaluation, image_folders, stores, synthetic  # noqa: E402
 from triplet_totally_looks_like import keras, resnet, tf  # noqa: E402
 
 SIZE = 32  # the smallest image ResNet50 accepts keeps these tests fast
@@ -151,7 +152,7 @@ def _write_bad_files(folder):
 
 def test_find_unreadable_images_names_every_bad_file(tmp_path):
     filenames = _write_bad_files(tmp_path)
-    unreadable = tll.find_unreadable_images(filenames)
+    unreadable = image_folders.find_unreadable_images(filenames, tll.decode_image)
     assert set(unreadable) == set(filenames[1:])
     for reason in unreadable.values():
         assert reason and "{{" not in reason and "\n" not in reason
@@ -163,8 +164,10 @@ def test_drop_unreadable_pairs_skips_the_pair_and_warns(tmp_path, capsys):
         for index in range(4):
             Image.fromarray(_random_image(SIZE, SIZE, index)).save(tmp_path / side / f"{index}.jpg")
     (tmp_path / "right" / "2.jpg").write_bytes(b"\xff\xd8\xff broken")
-    anchors, positives = tll.find_image_pairs(tmp_path)
-    kept_anchors, kept_positives, skipped = tll.drop_unreadable_pairs(anchors, positives)
+    anchors, positives = image_folders.find_image_pairs(tmp_path)
+    kept_anchors, kept_positives, skipped = image_folders.drop_unreadable_pairs(
+        anchors, positives, tll.decode_image
+    )
     assert [pathlib.Path(name).name for name in kept_anchors] == ["0.jpg", "1.jpg", "3.jpg"]
     assert [pathlib.Path(name).name for name in kept_positives] == ["0.jpg", "1.jpg", "3.jpg"]
     assert skipped == ["2.jpg"]
@@ -185,7 +188,7 @@ def test_find_image_pairs_sorts_and_pairs_by_name(tmp_path):
         (tmp_path / "left" / f"{name}.jpg").write_bytes(b"x")
         (tmp_path / "right" / f"{name}.png").write_bytes(b"x")
     (tmp_path / "left" / ".DS_Store").write_bytes(b"x")
-    anchors, positives = tll.find_image_pairs(tmp_path)
+    anchors, positives = image_folders.find_image_pairs(tmp_path)
     assert [pathlib.Path(name).name for name in anchors] == ["a.jpg", "b.jpg", "c.jpg"]
     assert [pathlib.Path(name).name for name in positives] == ["a.png", "b.png", "c.png"]
 
@@ -295,7 +298,7 @@ def test_triplet_loss_matches_numpy():
 def test_cosine_similarities_are_per_example():
     first = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
     second = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
-    np.testing.assert_allclose(tll.cosine_similarities(first, second), [1.0, -1.0, 0.0])
+    np.testing.assert_allclose(evaluation.cosine_similarities(first, second), [1.0, -1.0, 0.0])
 
 
 def test_recall_at_k_counts_ties_against_the_right_answer():
@@ -306,14 +309,45 @@ def test_recall_at_k_counts_ties_against_the_right_answer():
             [1.0, 1.0, 1.0],  # all tied: ranked last
         ]
     )
-    assert tll.recall_at_k(distances, ks=(1, 2, 3)) == {1: 1 / 3, 2: 2 / 3, 3: 1.0}
+    assert evaluation.recall_at_k(distances, ks=(1, 2, 3)) == {1: 1 / 3, 2: 2 / 3, 3: 1.0}
 
 
 def test_pairwise_squared_distances_match_numpy():
     rng = np.random.default_rng(1)
     first, second = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
     expected = ((first[:, None, :] - second[None, :, :]) ** 2).sum(-1)
-    np.testing.assert_allclose(tll.pairwise_squared_distances(first, second), expected, atol=1e-9)
+    np.testing.assert_allclose(
+        evaluation.pairwise_squared_distances(first, second), expected, atol=1e-9
+    )
+
+
+def test_evaluate_triplets_scores_every_fixed_triplet():
+    anchors = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]], np.float32)
+    positives = np.array([[0.1, 0.0], [1.0, 0.5], [3.0, 0.0]], np.float32)
+    negative_indices = [4, 0, 1]  # into anchors + positives: pair 0's negative is positive 1
+    result = evaluation.evaluate_triplets(anchors, positives, negative_indices)
+    negatives = np.concatenate([anchors, positives])[negative_indices]
+    ap_distances = ((anchors - positives) ** 2).sum(1)
+    an_distances = ((anchors - negatives) ** 2).sum(1)
+    np.testing.assert_allclose(result["ap_distances"], ap_distances, rtol=1e-6)
+    np.testing.assert_allclose(result["an_distances"], an_distances, rtol=1e-6)
+    # Triplet 2's positive is farther than its negative (18 against 10).
+    assert result["triplet_accuracy"] == pytest.approx(2 / 3)
+    # Anchor 2 finds positive 1 closer than its own positive.
+    assert (result["recall_at_1"], result["recall_at_5"]) == (pytest.approx(2 / 3), 1.0)
+    np.testing.assert_allclose(
+        result["negative_similarities"], evaluation.cosine_similarities(anchors, negatives)
+    )
+    rows = evaluation.similarity_rows(
+        ["/d/left/a.jpg", "/d/left/b.jpg", "/d/left/c.jpg"],
+        ["/d/right/a.jpg", "/d/right/b.jpg", "/d/right/c.jpg"],
+        negative_indices,
+        "/d",
+        result,
+    )
+    assert [row["negative"] for row in rows] == ["right/b.jpg", "left/a.jpg", "left/b.jpg"]
+    assert rows[2]["positive_distance"] == "18" and rows[2]["negative_distance"] == "10"
+    assert rows[0]["anchor"] == "a.jpg" and rows[0]["positive_similarity"] == "0.000000"
 
 
 # ---------------------------------------------------------------------------
@@ -366,7 +400,7 @@ def test_model_input_is_preprocess_input_of_the_uint8_image(embedding, tmp_path)
 
 
 def test_split_embedding_network_composes_to_the_embedding(embedding):
-    trunk, tail = tll.split_embedding_network(embedding)
+    trunk, tail = stores.split_at_layer(embedding, "resnet50", tll.first_trainable_layer)
     images = _random_image(SIZE, SIZE)[None].astype("float32")
     expected = embedding(images, training=False)
     np.testing.assert_allclose(tail(trunk(images), training=False), expected, rtol=1e-4, atol=1e-4)
@@ -478,7 +512,7 @@ def test_imagenet_download_failure_raises_download_error(monkeypatch):
         raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None")
 
     monkeypatch.setattr(file_utils, "get_file", offline)
-    with pytest.raises(tll.DownloadError, match="--weights none"):
+    with pytest.raises(command_line.DownloadError, match="--weights none"):
         tll.load_resnet50("imagenet", (SIZE, SIZE, 3))
 
 
@@ -488,19 +522,22 @@ def test_imagenet_download_failure_raises_download_error(monkeypatch):
 
 
 def test_synthetic_pairs_look_alike_more_than_other_pairs(tmp_path):
-    tll.make_synthetic_dataset(tmp_path, pairs=12, image_size=40, seed=3)
-    anchors, positives = tll.find_image_pairs(tmp_path)
-    assert len(anchors) == 12 and not tll.find_unreadable_images(anchors + positives)
+    synthetic.make_synthetic_dataset(tmp_path, pairs=12, image_size=40, seed=3)
+    anchors, positives = image_folders.find_image_pairs(tmp_path)
+    assert len(anchors) == 12
+    assert not image_folders.find_unreadable_images(anchors + positives, tll.decode_image)
     left = np.stack([np.asarray(Image.open(name), np.float32) for name in anchors])
     right = np.stack([np.asarray(Image.open(name), np.float32) for name in positives])
     assert left.shape == (12, 40, 40, 3)
     # Mean colour per image: partners are closer than non-partners on average.
-    distances = tll.pairwise_squared_distances(left.mean(axis=(1, 2)), right.mean(axis=(1, 2)))
+    distances = evaluation.pairwise_squared_distances(
+        left.mean(axis=(1, 2)), right.mean(axis=(1, 2))
+    )
     partner = np.diag(distances).mean()
     others = distances[~np.eye(12, dtype=bool)].mean()
     assert partner < 0.5 * others
     # The generator is deterministic for a seed.
-    tll.make_synthetic_dataset(tmp_path / "again", pairs=12, image_size=40, seed=3)
+    synthetic.make_synthetic_dataset(tmp_path / "again", pairs=12, image_size=40, seed=3)
     assert (tmp_path / "again" / "left" / "00005.jpg").read_bytes() == pathlib.Path(
         anchors[5]
     ).read_bytes()

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import triplet_totally_looks_like as tll  # noqa: E402
+from siamese_support import devices, synthetic  # noqa: E402
 
 
 def main(argv=None):
@@ -28,16 +28,19 @@ def main(argv=None):
     parser.add_argument(
         "--jitter",
         type=float,
-        default=tll.synthetic_jitter,
+        default=synthetic.synthetic_jitter,
         help="how much the two images of a pair differ "
-        f"(default {tll.synthetic_jitter:g}; 0 draws the same image twice)",
+        f"(default {synthetic.synthetic_jitter:g}; 0 draws the same image twice)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     if (args.output / "left").exists() or (args.output / "right").exists():
         parser.error(f"{args.output} already holds left/ or right/; choose a new folder")
+    # The generator encodes its JPEGs with TensorFlow: import it here, without its notices.
+    with devices.quiet_tensorflow_start():
+        import tensorflow  # noqa: F401
     try:
-        tll.make_synthetic_dataset(
+        synthetic.make_synthetic_dataset(
             args.output,
             pairs=args.pairs,
             image_size=args.image_size,
