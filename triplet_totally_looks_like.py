@@ -460,9 +460,9 @@ def main(argv=None):
     if args.mixed_precision is None:  # on with a GPU
         args.mixed_precision = devices.gpu_visible()
     image_size = (args.image_size, args.image_size)
-    nothing_saved = "interrupted before training started; nothing was saved"
     with (
-        command_line.one_line_errors(parser.prog, interrupted=nothing_saved) as status,
+        command_line.one_line_errors(parser.prog) as status,
+        run_folder.exclusive_use(output_dir),  # one run per folder; says how to resume
         contextlib.ExitStack() as run,
     ):
         args.weights = downloads.weights_choice(args.weights, "ResNet50")
@@ -498,7 +498,6 @@ def main(argv=None):
             output_dir, args.resume, args.overwrite, dry, outputs=OUTPUT_FILES
         )
         run.enter_context(devices.mixed_precision_policy(args.mixed_precision))
-        run.enter_context(run_folder.resume_hint_on_interrupt(output_dir))
         # A resumed run must train on the same split, with the same settings.
         split = {"train": train_anchors, "validation": val_anchors}
         split = {side: [os.path.basename(name) for name in names] for side, names in split.items()}

@@ -291,15 +291,6 @@ def interrupted_message(output_dir, interrupt=None):
 
 
 @contextlib.contextmanager
-def resume_hint_on_interrupt(output_dir):
-    """Turn Ctrl-C or SIGTERM inside the block into one that says how to resume."""
-    try:
-        yield
-    except KeyboardInterrupt as interrupt:
-        raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
-
-
-@contextlib.contextmanager
 def exclusive_use(output_dir):
     """This run's hold on its output folder for the block: one run per folder, failures explained.
 

@@ -38,6 +38,42 @@ MNIST_FLOW = [
     'print(f"* Accuracy on test set: {100 * te_acc:0.2f}%")',
 ]
 
+# The keras.io example `examples/vision/siamese_network.py`, section by section: the names it
+# defines at the top level, then the steps of the whole file in reading order.
+TRIPLET_DEFINITIONS = [
+    "target_shape",
+    "cache_dir",
+    "preprocess_image",
+    "preprocess_triplets",
+    "visualize",
+    "DistanceLayer",
+    "SiameseModel",
+]
+TRIPLET_STEPS = [
+    "target_shape = (200, 200)",  # Setup
+    "cache_dir = ",  # Load the dataset
+    "def preprocess_image(",  # Preparing the data
+    "def preprocess_triplets(",
+    "def visualize(",
+    "base_cnn = ",  # Setting up the embedding generator model
+    "set_trainable_layers(base_cnn)",  # frozen up to conv5_block1_out
+    "embedding = keras.Model(",
+    "class DistanceLayer(",  # Setting up the Siamese Network model
+    "siamese_network = keras.Model(",
+    "class SiameseModel(",  # Putting everything together
+    "def train_step(",
+    "with tf.GradientTape() as tape:",
+    "def test_step(",
+]
+TRIPLET_FLOW = [
+    "anchor_images, positive_images",  # the sorted file lists
+    "siamese_network = build_siamese_network(",
+    "siamese_model = SiameseModel(siamese_network",
+    "siamese_model.compile(",  # Training
+    "siamese_model.fit(",
+    "Cosine similarity",  # Inspecting what the network has learned
+]
+
 
 def top_level_names(source):
     """The names a module defines at its top level (functions, classes, assignments), in order."""
@@ -98,6 +134,19 @@ def test_mnist_definitions_follow_the_example():
 def test_mnist_main_runs_the_example_flow_in_order():
     source = (REPOSITORY / "mnist_siamese.py").read_text()
     flow_positions(function_source(source, "main"), MNIST_FLOW)
+
+
+def test_triplet_definitions_follow_the_example():
+    source = (REPOSITORY / "triplet_totally_looks_like.py").read_text()
+    lines = first_lines(top_level_names(source), TRIPLET_DEFINITIONS)
+    assert_in_order(TRIPLET_DEFINITIONS, lines)
+    assert lines[0] <= 60, lines
+    flow_positions(source, TRIPLET_STEPS)
+
+
+def test_triplet_main_runs_the_example_flow_in_order():
+    source = (REPOSITORY / "triplet_totally_looks_like.py").read_text()
+    flow_positions(function_source(source, "main"), TRIPLET_FLOW)
 
 
 def test_the_checks_fail_on_a_swapped_order():

@@ -1,0 +1,354 @@
+"""Both scripts as real runs meet real trouble: a second run, a full disk, SIGTERM, odd data.
+
+Every case runs a script in a subprocess, as a user or a scheduler would, and checks the
+exit code, the one-line message, that no traceback shows, and what the output folder holds
+afterwards.
+"""
+
+import contextlib
+import csv
+import errno
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import helpers
+import numpy as np
+import pytest
+
+REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
+MNIST = REPOSITORY / "mnist_siamese.py"
+TRIPLET = REPOSITORY / "triplet_totally_looks_like.py"
+FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))
+
+from siamese_support import command_line, run_folder  # noqa: E402
+
+# A small MNIST run: 1,000 training and 1,000 test images of the fixture, no plots.
+MNIST_RUN = ["--data", FIXTURE, "--limit", "1000", "--no-plots", "--output-dir", "run"]
+# A small triplet run on generated pairs (written by the `pairs` fixture).
+TRIPLET_RUN = ["--weights", "none", "--image-size", "32", "--batch-size", "4", "--no-plots"]
+TRIPLET_RUN += ["--output-dir", "run"]
+
+
+def start(script, args, cwd, python_code=None):
+    """Start `script` (or `python -c python_code SCRIPT_FOLDER ARGS`) with default signals."""
+    if python_code is None:
+        command = [sys.executable, str(script)]
+    else:
+        command = [sys.executable, "-c", python_code, str(REPOSITORY)]
+    return subprocess.Popen(
+        [*command, *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=helpers.default_signal_handling,
+    )
+
+
+def finish(process, timeout=300):
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run(script, args, cwd, python_code=None, timeout=300):
+    return finish(start(script, args, cwd, python_code), timeout)
+
+
+def describe(result):
+    return f"exit {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr}"
+
+
+def one_error_line(result, code=2):
+    """The run's single stderr line (warnings aside), after checking code and no traceback."""
+    assert result.returncode == code, describe(result)
+    assert "Traceback" not in result.stderr, describe(result)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1, describe(result)
+    return lines[0]
+
+
+def wait_for(path, process, seconds=240):
+    """Wait until `path` exists while `process` runs; fail if it ends or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, describe(finish(process))
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def epochs_logged(output_dir):
+    with open(output_dir / "history.csv", newline="") as stream:
+        return [row["epoch"] for row in csv.DictReader(stream)]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A folder of 24 generated image pairs in the Totally Looks Like layout."""
+    from siamese_support import synthetic
+
+    folder = tmp_path_factory.mktemp("pairs")
+    synthetic.make_synthetic_dataset(folder, pairs=24, image_size=32, seed=3)
+    return folder
+
+
+# ---------------------------------------------------------------------------
+# One run per folder
+# ---------------------------------------------------------------------------
+
+
+def test_a_second_mnist_run_on_a_busy_folder_exits_at_once(tmp_path):
+    # 60 epochs of batch 32: long enough (about 20 s) for a second run to meet the first.
+    args = [*MNIST_RUN, "--epochs", "60", "--batch-size", "32"]
+    first = start(MNIST, args, tmp_path)
+    wait_for(tmp_path / "run" / "backup" / "training_metadata.json", first)
+    # The same command again, as a requeued job would start it, while the first still runs.
+    second = run(MNIST, [*args, "--resume"], tmp_path)
+    assert first.poll() is None, "the first run ended before the second started"
+    line = one_error_line(second)
+    assert "is in use by another run" in line and f"process {first.pid}" in line, line
+    assert "training pairs" not in second.stdout  # refused before loading the data
+    # The first run is unharmed and finishes; it leaves no lock file behind.
+    finished = finish(first)
+    assert finished.returncode == 0, describe(finished)
+    assert epochs_logged(tmp_path / "run") == [str(epoch) for epoch in range(60)]
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
+def test_a_locked_folder_is_refused_and_left_as_it_was(tmp_path, script, pairs):
+    folder = tmp_path / "run"
+    with run_folder.exclusive_use(folder):
+        before = sorted(path.name for path in folder.iterdir())
+        args = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
+        result = run(script, [*args, "--epochs", "1"], tmp_path)
+        assert sorted(path.name for path in folder.iterdir()) == before
+    line = one_error_line(result)
+    assert f"--output-dir run is in use by another run (process {os.getpid()})" in line, line
+    # Released by the holder, the folder is free again, and a folder the holder created
+    # for nothing is gone.
+    assert not folder.exists()
+
+
+# ---------------------------------------------------------------------------
+# Full disks and other write failures
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_file_system(path, megabytes):
+    """A tmpfs of `megabytes` mounted at `path`; skips the test where mounting is refused."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here ({mounted.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder, leave_bytes):
+    """Write a filler file that leaves about `leave_bytes` free on `folder`'s file system."""
+    free = shutil.disk_usage(folder).free
+    filler = folder / "filler"
+    with open(filler, "wb") as stream:
+        stream.write(b"\0" * max(free - leave_bytes, 0))
+    return filler
+
+
+def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
+    disk = small_file_system(tmp_path / "disk", 16)
+    with disk as mount_point:
+        # Room for the first epoch's backup (about 1.1 MB) but not for the second's, which
+        # keeps a copy of the first while it is written.
+        filler = fill(mount_point, 1_800_000)
+        args = [*MNIST_RUN[:-1], mount_point / "run", "--epochs", "3"]
+        result = run(MNIST, args, tmp_path)
+        line = one_error_line(result)
+        assert "space" in line and "--resume" in line, line
+        output_dir = mount_point / "run"
+        assert not (output_dir / "metrics.json").exists()
+        assert (output_dir / "backup" / "training_metadata.json").exists()
+        assert not list(output_dir.glob(".tmp-*")), list(output_dir.iterdir())
+
+        # Space freed, the same command with --resume goes on from the last finished epoch.
+        filler.unlink()
+        resumed = run(MNIST, [*args, "--resume"], tmp_path)
+        assert resumed.returncode == 0, describe(resumed)
+        assert "Epoch 1/3" not in resumed.stdout
+        assert epochs_logged(output_dir) == ["0", "1", "2"]
+        assert not (output_dir / "backup").exists()
+
+
+# Runs a script with one function replaced by one that fails as a full disk does.
+FAILING_WRITE = textwrap.dedent(
+    """
+    import errno, sys
+    sys.path.insert(0, sys.argv[1])
+    script, what = sys.argv[2], sys.argv[3]
+    module = __import__(script.removesuffix(".py"))  # first: it starts TensorFlow quietly
+    from siamese_support import run_folder
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
+
+    setattr(run_folder, what, failing)
+    sys.exit(module.main(sys.argv[4:]))
+    """
+)
+
+
+@pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
+def test_a_failed_save_keeps_the_trained_run_resumable(tmp_path, script, pairs):
+    base = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
+    args = [*base, "--epochs", "2"]
+    failed = run(script, [script.name, "save_model", *args], tmp_path, python_code=FAILING_WRITE)
+    line = one_error_line(failed)
+    assert "No space left on device" in line and "--resume" in line, line
+    output_dir = tmp_path / "run"
+    assert not (output_dir / "metrics.json").exists()
+    # The finished training is kept until every output is written.
+    assert (output_dir / "backup" / "training_metadata.json").exists()
+
+    resumed = run(script, [*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert "Epoch 1/2" not in resumed.stdout and "Epoch 2/2" not in resumed.stdout
+    assert epochs_logged(output_dir) == ["0", "1"]
+    assert json.loads((output_dir / "metrics.json").read_text())["epochs"] == 2
+    assert not (output_dir / "backup").exists()
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path):
+    if os.geteuid() == 0:
+        disk = small_file_system(tmp_path / "disk", 1)
+        with disk as mount_point:
+            subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+            result = run(MNIST, [*MNIST_RUN[:-1], mount_point / "run"], tmp_path)
+    else:
+        folder = tmp_path / "locked"
+        folder.mkdir(mode=0o500)
+        result = run(MNIST, [*MNIST_RUN[:-1], folder / "run"], tmp_path)
+    line = one_error_line(result)
+    assert "cannot be written" in line, line
+
+
+# ---------------------------------------------------------------------------
+# SIGTERM, as schedulers stop jobs
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, script, pairs):
+    base = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
+    args = [*base, "--epochs", "4"]
+    process = start(script, args, tmp_path)
+    wait_for(tmp_path / "run" / "backup" / "training_metadata.json", process)
+    process.send_signal(signal.SIGTERM)
+    stopped = finish(process)
+    line = one_error_line(stopped, code=143)
+    assert "terminated" in line and "--resume" in line, line
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    resumed = run(script, [*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert "Epoch 1/4" not in resumed.stdout
+    assert epochs_logged(tmp_path / "run") == ["0", "1", "2", "3"]
+
+
+def test_sigterm_during_a_backup_is_delivered_after_it():
+    reached = []
+    with pytest.raises(command_line.Terminated):
+        with run_folder.ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # an undeferred handler would have run by now
+            reached.append("end of block")
+    assert reached == ["end of block"]
+
+
+# ---------------------------------------------------------------------------
+# Data as people have it
+# ---------------------------------------------------------------------------
+
+
+def test_mnist_as_fractions_trains_as_the_uint8_file_does(tmp_path):
+    with np.load(FIXTURE) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    for name in ("x_train", "x_test"):
+        arrays[name] = arrays[name] / 255.0
+    np.savez(tmp_path / "fractions.npz", **arrays)
+    small = ["--limit", "600", "--epochs", "1", "--no-plots"]
+    uint8_run = run(MNIST, ["--data", FIXTURE, *small, "--output-dir", "a"], tmp_path)
+    fraction_run = run(
+        MNIST, ["--data", tmp_path / "fractions.npz", *small, "--output-dir", "b"], tmp_path
+    )
+    assert uint8_run.returncode == 0 and fraction_run.returncode == 0, describe(fraction_run)
+    assert "float64 values in [0, 1]; read as pixel values 0-255" in fraction_run.stdout
+    metrics = [json.loads((tmp_path / side / "metrics.json").read_text()) for side in "ab"]
+    assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
+
+
+def test_mnist_with_a_nan_exits_2_naming_the_array(tmp_path):
+    with np.load(FIXTURE) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["x_test"] = arrays["x_test"] / 255.0
+    arrays["x_train"] = arrays["x_train"] / 255.0
+    arrays["x_train"][10, 5, 5] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    result = run(MNIST, ["--data", tmp_path / "nan.npz", "--output-dir", "run"], tmp_path)
+    assert "x_train holds NaN or infinite values" in one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_folders_as_people_have_them(tmp_path, pairs):
+    data = tmp_path / "data"
+    shutil.copytree(pairs, data)
+    (data / "right" / "Thumbs.db").write_bytes(b"\0" * 100)
+    (data / "left" / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    (data / "left" / ".DS_Store").write_bytes(b"\0" * 10)
+    (data / "right" / "notes.txt").write_text("where these came from\n")
+    (data / "left" / "originals").mkdir()
+    (data / "left" / "originals" / "00001.jpg").write_bytes(
+        (data / "left" / "00001.jpg").read_bytes()
+    )
+    (data / "left" / "00003.jpg").write_bytes(b"")  # an empty file: an unreadable image
+    result = run(TRIPLET, ["--data-dir", data, *TRIPLET_RUN, "--epochs", "1"], tmp_path)
+    assert result.returncode == 0, describe(result)
+    assert "Traceback" not in result.stderr
+    assert "Ignored 5 entries that are not images" in result.stdout, result.stdout
+    assert "00003.jpg is not a readable image" in result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["skipped_pairs"] == ["00003.jpg"]
+    assert metrics["training_pairs"] + metrics["validation_pairs"] == 23
+
+
+def test_a_write_error_says_what_to_do(tmp_path):
+    # The one line names the file, the cause and the way on; --resume only once an epoch is
+    # backed up (checked on a bare error: the wording does not depend on the system's).
+    error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "history.csv"))
+    line = run_folder.explain_write_error(error, tmp_path)
+    assert "history.csv" in line and "free some space" in line and "run the command again" in line
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "training_metadata.json").write_text("{}")
+    line = run_folder.explain_write_error(error, tmp_path)
+    assert "--resume" in line, line
+    read_only = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "metrics.json"))
+    assert "make " in run_folder.explain_write_error(read_only, tmp_path)
