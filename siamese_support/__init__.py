@@ -5,17 +5,21 @@ tutorials' order; this package holds the rest, so that each script reads beside 
 tutorial. The scripts import it; it never imports a script. Modules:
 
 - `command_line`: both scripts' options, and mistakes reported in one line with exit code 2.
-- `devices`: TensorFlow's quiet start, the device line, `tf.distribute` strategies, threads.
-- `run_folder`: the output folder, atomic writes, the per-epoch backup and resuming.
+- `devices`: TensorFlow's quiet start, the device line, `tf.distribute` strategies, threads,
+  mixed precision.
+- `pipelines`: `tf.data` helpers (per-epoch shuffled index batches, autotuning off).
+- `run_folder`: the output folder (one run at a time), atomic writes, the per-epoch backup,
+  resuming, and failures (Ctrl-C, SIGTERM, a full disk) explained in one line.
 - `evaluation`: accuracy at the best threshold, ROC AUC, recall@k, similarities (NumPy).
 - `plots`: the PNG figures each run writes.
 - `mnist_data`: MNIST from Keras's download, a `mnist.npz` file or the IDX files, checked.
-- `downloads`: the Totally Looks Like download and a zip extraction that cannot escape.
+- `downloads`: the Totally Looks Like download, a zip extraction that cannot escape, and
+  the ResNet50 weights choice with its errors in one line.
 - `image_folders`: the `left/` and `right/` folders of an image-pair dataset, checked.
 - `stores`: decoded images and frozen-trunk features, computed once per run.
 - `synthetic`: generated image pairs for offline runs and tests.
 
-Only `devices`, `stores`, `image_folders` and `synthetic` use TensorFlow, and they import it
-only when a function needs it or when they are imported themselves (`stores`), so that the
-command line answers before TensorFlow's import.
+`command_line` imports nothing heavy, so that the command line answers before TensorFlow's
+import. `stores` imports TensorFlow when it is imported; `devices`, `pipelines`,
+`image_folders` and `synthetic` only inside the functions that need it.
 """
