@@ -371,25 +371,23 @@ def main(argv=None):
         if not args.no_plots:
             figures = (history_rows, x_test, te_pairs, te_y, te_distances, threshold)
             plots.plot_mnist_run(output_dir, *figures)
-        run_folder.finish_run(
-            output_dir,
-            {
-                "train_accuracy": tr_acc,
-                "test_accuracy": te_acc,
-                "test_roc_auc": evaluation.roc_auc(te_y, te_distances),
-                "best_threshold": threshold,
-                "best_threshold_accuracy": compute_accuracy(te_y, te_distances, threshold),
-                "epochs": len(history_rows),
-                "seconds_per_epoch": callbacks[-1].mean(),
-                "network": args.network,
-                "intra_op_threads": intra_op_threads,
-                "margin": args.margin,
-                "seed": args.seed,
-                "training_pairs": len(tr_pairs),
-                "test_pairs": len(te_pairs),
-                "dry_run": bool(args.dry_run),
-            },
-        )
+        metrics = {
+            "train_accuracy": tr_acc,
+            "test_accuracy": te_acc,
+            "test_roc_auc": evaluation.roc_auc(te_y, te_distances),
+            "best_threshold": threshold,
+            "best_threshold_accuracy": compute_accuracy(te_y, te_distances, threshold),
+            "epochs": len(history_rows),
+            "seconds_per_epoch": callbacks[-1].mean(),
+            "network": args.network,
+            "intra_op_threads": intra_op_threads,
+            "margin": args.margin,
+            "seed": args.seed,
+            "training_pairs": len(tr_pairs),
+            "test_pairs": len(te_pairs),
+            "dry_run": bool(args.dry_run),
+        }
+        run_folder.finish_run(output_dir, metrics)
         print(f"Saved models, history, metrics and plots in {output_dir}")
         print(f"* Accuracy on training set: {100 * tr_acc:0.2f}%")
         print(f"* Accuracy on test set: {100 * te_acc:0.2f}%")

@@ -1,6 +1,9 @@
 """Shared by the test modules: starting a script as the user would."""
 
+import pathlib
 import signal
+import subprocess
+import sys
 
 
 def default_signal_handling():
@@ -12,3 +15,33 @@ def default_signal_handling():
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def start(script, args, cwd, python_code=None):
+    """Start `python script ARGS` (or `python -c python_code REPOSITORY ARGS`) in `cwd`.
+
+    Its output is captured as text, and it starts with default signal handling.
+    """
+    if python_code is None:
+        command = [sys.executable, str(script)]
+    else:  # the code gets the repository's path as its first argument
+        command = [sys.executable, "-c", python_code, str(pathlib.Path(script).parent)]
+    return subprocess.Popen(
+        [*command, *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_signal_handling,
+    )
+
+
+def finish(process, timeout=300):
+    """Wait for a process from `start`; return it as a CompletedProcess (kill it on timeout)."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -42,31 +42,10 @@ SMALL_RUN = ["--data", str(FIXTURE), "--limit", "600", "--no-plots"]
 
 def start_script(args, cwd, python_code=None):
     """Start the script (or `python -c python_code` with the same arguments) in `cwd`."""
-    if python_code is None:
-        command = [sys.executable, str(SCRIPT)]
-    else:  # the code gets the repository's path as its first argument
-        command = [sys.executable, "-c", python_code, str(REPOSITORY)]
-    return subprocess.Popen(
-        [*command, *map(str, args)],
-        cwd=cwd,
-        env=dict(os.environ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Tests send SIGINT: the script must handle it whatever the test runner inherited.
-        preexec_fn=helpers.default_signal_handling,
-    )
+    return helpers.start(SCRIPT, args, cwd, python_code)
 
 
-def finish(process, timeout=300):
-    """Wait for a process from `start_script`; return it as a CompletedProcess."""
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+finish = helpers.finish
 
 
 def run_script(args, cwd, python_code=None, timeout=300):

@@ -38,30 +38,7 @@ TRIPLET_RUN = ["--weights", "none", "--image-size", "32", "--batch-size", "4", "
 TRIPLET_RUN += ["--output-dir", "run"]
 
 
-def start(script, args, cwd, python_code=None):
-    """Start `script` (or `python -c python_code SCRIPT_FOLDER ARGS`) with default signals."""
-    if python_code is None:
-        command = [sys.executable, str(script)]
-    else:
-        command = [sys.executable, "-c", python_code, str(REPOSITORY)]
-    return subprocess.Popen(
-        [*command, *map(str, args)],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=helpers.default_signal_handling,
-    )
-
-
-def finish(process, timeout=300):
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+start, finish = helpers.start, helpers.finish
 
 
 def run(script, args, cwd, python_code=None, timeout=300):
