@@ -41,6 +41,21 @@ class ExitStatus:
     code = 0
 
 
+def interrupt_behind(error):
+    """The Ctrl-C or SIGTERM that `error` was raised while handling, or None.
+
+    A signal can arrive while a library is inside a `with` block of its own (TensorFlow's
+    device scopes, for one); the library's clean-up may then fail with an error of its own,
+    raised "during handling of" the interrupt. The user asked to stop: that is what counts.
+    """
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        error, seen = error.__context__, seen + 1
+    return None
+
+
 def _raise_terminated(signum, frame):
     raise Terminated
 
@@ -69,8 +84,19 @@ def one_line_errors(prog, interrupted="interrupted"):
         print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
         status.code = 130
     except (ValueError, OSError, DownloadError) as error:
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-        status.code = 2
+        interrupt = interrupt_behind(error.__context__)
+        if interrupt is None:
+            print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+            status.code = 2
+        else:
+            print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
+            status.code = 143 if isinstance(interrupt, Terminated) else 130
+    except Exception as error:
+        interrupt = interrupt_behind(error)
+        if interrupt is None:
+            raise
+        print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
+        status.code = 143 if isinstance(interrupt, Terminated) else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -315,12 +315,16 @@ def exclusive_use(output_dir):
         ) from None
     try:
         yield output_dir
-    except KeyboardInterrupt as interrupt:
-        raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
-    except OSError as error:
-        if not _inside(error.filename, output_dir):
+    except Exception as error:
+        # An error raised while a Ctrl-C or SIGTERM was being handled is that interrupt.
+        interrupt = command_line.interrupt_behind(error) or error
+        if isinstance(interrupt, KeyboardInterrupt):
+            raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
+        if not isinstance(error, OSError) or not _inside(error.filename, output_dir):
             raise
         raise ValueError(explain_write_error(error, output_dir)) from None
+    except KeyboardInterrupt as interrupt:
+        raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
     finally:
         if lock is not None:
             (output_dir / ".lock").unlink(missing_ok=True)

@@ -329,3 +329,34 @@ def test_a_write_error_says_what_to_do(tmp_path):
     assert "--resume" in line, line
     read_only = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "metrics.json"))
     assert "make " in run_folder.explain_write_error(read_only, tmp_path)
+
+
+def test_an_error_raised_while_handling_ctrl_c_counts_as_ctrl_c(tmp_path, capsys):
+    # Ctrl-C can land inside a library's own `with` block (TensorFlow's device scopes), whose
+    # clean-up then fails with an error of its own; the user asked to stop, and is told so.
+    with command_line.one_line_errors("prog") as status:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Exiting device scope without proper scope nesting") from None
+    assert status.code == 130
+    assert capsys.readouterr().err == "prog: interrupted\n"
+
+    output_dir = tmp_path / "run"
+    with (
+        command_line.one_line_errors("prog") as status,
+        run_folder.exclusive_use(output_dir),
+    ):
+        (output_dir / "backup").mkdir()
+        (output_dir / "backup" / "training_metadata.json").write_text("{}")
+        try:
+            raise command_line.Terminated
+        except KeyboardInterrupt:
+            raise RuntimeError("Exiting device scope without proper scope nesting") from None
+    assert status.code == 143
+    said = capsys.readouterr().err
+    assert said.startswith("prog: terminated: finished epochs are backed up") and "--resume" in said
+
+    # Any other error is not swallowed.
+    with pytest.raises(RuntimeError), command_line.one_line_errors("prog"):
+        raise RuntimeError("a bug")
