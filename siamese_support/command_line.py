@@ -77,26 +77,18 @@ def one_line_errors(prog, interrupted="interrupted"):
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield status
-    except Terminated as termination:
-        print(f"{prog}: {str(termination) or 'terminated'}", file=sys.stderr)
-        status.code = 143
-    except KeyboardInterrupt as interrupt:
-        print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
-        status.code = 130
-    except (ValueError, OSError, DownloadError) as error:
-        interrupt = interrupt_behind(error.__context__)
-        if interrupt is None:
+    except (KeyboardInterrupt, Exception) as error:
+        interrupt = interrupt_behind(error)
+        if interrupt is not None:
+            terminated = isinstance(interrupt, Terminated)
+            default = "terminated" if terminated else interrupted
+            print(f"{prog}: {str(interrupt) or default}", file=sys.stderr)
+            status.code = 143 if terminated else 130
+        elif isinstance(error, (ValueError, OSError, DownloadError)):
             print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
             status.code = 2
         else:
-            print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
-            status.code = 143 if isinstance(interrupt, Terminated) else 130
-    except Exception as error:
-        interrupt = interrupt_behind(error)
-        if interrupt is None:
             raise
-        print(f"{prog}: {str(interrupt) or interrupted}", file=sys.stderr)
-        status.code = 143 if isinstance(interrupt, Terminated) else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
