@@ -12,6 +12,7 @@ Definitions in the original's order, then `main()` runs its steps. What the port
     python mnist_siamese.py                      # the example: download MNIST, 20 epochs
     python mnist_siamese.py --data mnist.npz     # a local copy of Keras's mnist.npz
     python mnist_siamese.py --dry-run            # 1 epoch on the small subset in data/
+    KERAS_BACKEND=jax python mnist_siamese.py    # JAX or PyTorch, without TensorFlow
 """
 
 import pathlib
@@ -42,8 +43,11 @@ if __name__ == "__main__":
 
 with devices.quiet_tensorflow_start():
     import keras
-    import tensorflow as tf
     from keras import layers, ops
+
+    # TensorFlow feeds the tf.data pipeline; under JAX or PyTorch it is not needed.
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
 from siamese_support import evaluation, mnist_data, pipelines, plots, run_folder  # noqa: E402
 
@@ -162,13 +166,16 @@ def create_pairs(x, digit_indices, rng=None):
     return pairs, labels
 
 
-def make_pair_dataset(images, pairs, labels=None, batch_size=batch_size, seed=None):
+def make_pair_dataset(images, pairs, labels=None, batch_size=batch_size, seed=None, place=(0, 1)):
     """A `tf.data` pipeline of `((image_a, image_b), label)` batches from index pairs.
 
     The original fits on float32 copies of every pair's images. Here the uint8 images stay
     in one tensor, each batch gathers its pairs and scales them to [0, 1]. With `seed` the
-    pairs come in a new order every epoch, as `fit()` shuffles arrays by default.
+    pairs come in a new order every epoch, as `fit()` shuffles arrays by default. Under JAX
+    and PyTorch, the same batches from NumPy; `place` is this process's `(index, count)`.
     """
+    if keras.backend.backend() != "tensorflow":
+        return pipelines.PairBatches(images, pairs, labels, batch_size, seed, *place)
     image_table = tf.convert_to_tensor(images)
     pair_table = tf.convert_to_tensor(pairs)
     label_table = None if labels is None else tf.convert_to_tensor(labels)
@@ -258,9 +265,10 @@ def train(model, train_dataset, test_dataset, epochs, margin, learning_rate, cal
         metrics=[accuracy],
         # Keras's multi-step loop fails under MirroredStrategy in TF 2.21 (an unfed
         # placeholder in its while loop), so distributed runs take one step per call.
-        steps_per_execution=1 if tf.distribute.has_strategy() else steps_per_execution,
-        # XLA was measured here: its compile time (2-4 s) outweighed what it saved.
-        jit_compile=False,
+        steps_per_execution=1 if devices.tensorflow_distributed() else steps_per_execution,
+        # XLA was measured under TensorFlow: its compile time (2-4 s) outweighed what it
+        # saved. JAX always compiles; "auto" lets each other backend choose.
+        jit_compile=False if keras.backend.backend() == "tensorflow" else "auto",
     )
     return model.fit(
         train_dataset,
@@ -280,19 +288,9 @@ def predict_distances(base_network, images, pairs):
     the same function of the same weights, with a third of the work on MNIST, where an
     image appears in about four pairs, and without holding batches of pair images.
     """
-    # Calls on slices (dropout off) rather than `predict`, whose tracing took 0.3 s a run.
-    embeddings = []
-    for start in range(0, len(images), evaluation_batch_size * 4):
-        batch = ops.cast(images[start : start + evaluation_batch_size * 4], "float32") / 255.0
-        embeddings.append(ops.convert_to_numpy(base_network(batch)))
-    embeddings = np.concatenate(embeddings)
-    # A slice of pairs at a time keeps the gathered embeddings small (memory).
-    distances = []
-    for start in range(0, len(pairs), evaluation_batch_size * 16):
-        chunk = pairs[start : start + evaluation_batch_size * 16]
-        vects = [embeddings[chunk[:, 0]], embeddings[chunk[:, 1]]]
-        distances.append(ops.convert_to_numpy(euclidean_distance(vects)).ravel())
-    return np.concatenate(distances)
+    return evaluation.embedded_pair_distances(
+        base_network, euclidean_distance, images, pairs, evaluation_batch_size
+    )
 
 
 def main(argv=None):
@@ -303,14 +301,16 @@ def main(argv=None):
         args.epochs, args.data = 1, args.data or DRY_RUN_DATA
     pair_batch_size = args.batch_size or (dry_run_batch_size if args.dry_run else batch_size)
     output_dir = args.output_dir or (DRY_RUN_OUTPUT_DIR if args.dry_run else DEFAULT_OUTPUT_DIR)
-    # One run per folder; Ctrl-C, SIGTERM and failed writes say how to resume.
+    # One run per folder; Ctrl-C, SIGTERM and failed writes say how to resume. With
+    # --distribute multi-process, process 0 writes the run folder and each other process
+    # keeps only its resume state, in a folder of its own inside it.
     with (
         command_line.one_line_errors(parser.prog) as status,
-        run_folder.exclusive_use(output_dir),
+        run_folder.exclusive_use(output_dir, devices.process_place(args.distribute)) as output_dir,
     ):
         intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
-        strategy, device_line = devices.choose_strategy(args.distribute)
-        print(device_line, flush=True)
+        placement = devices.choose_placement(args.distribute)
+        print(placement.line, flush=True)
         keras.utils.set_random_seed(args.seed)
 
         # The data, split between train and test sets (uint8; scaled batch by batch).
@@ -334,18 +334,21 @@ def main(argv=None):
         )
 
         # Network definition.
-        with strategy.scope():
+        with placement.scope():
             model, base_network = create_siamese_network(x_train.shape[1:], args.network)
 
-        # Train. The training images are held once, as one tensor (memory).
-        train_images = tf.convert_to_tensor(x_train)
+        # Train. The training images are held once, as one tensor under TensorFlow (memory).
+        train_images = tf.convert_to_tensor(x_train) if devices.tensorflow_backend() else x_train
         del x_train
-        tr_dataset = make_pair_dataset(train_images, tr_pairs, tr_y, pair_batch_size, args.seed)
+        place = (placement.process_index, placement.process_count)
+        tr_dataset = make_pair_dataset(
+            train_images, tr_pairs, tr_y, pair_batch_size, args.seed, place
+        )
         # Validation batches are larger: the size does not change what validation measures,
         # and a pass over the test pairs took 0.09 s in batches of 1,024 against 0.12 s.
-        te_dataset = make_pair_dataset(x_test, te_pairs, te_y, evaluation_batch_size)
+        te_dataset = make_pair_dataset(x_test, te_pairs, te_y, evaluation_batch_size, None, place)
         callbacks = run_folder.training_callbacks(output_dir)
-        with strategy.scope():
+        with placement.scope():
             train(
                 model,
                 tr_dataset,
@@ -361,24 +364,27 @@ def main(argv=None):
         te_distances = predict_distances(base_network, x_test, te_pairs)
         tr_acc = compute_accuracy(tr_y, tr_distances)
         te_acc = compute_accuracy(te_y, te_distances)
-        # The port's extras: the threshold is chosen on training pairs, so the test figure
-        # stays unbiased; models, history, plots; metrics.json last, as the run's end mark.
-        threshold, _ = evaluation.best_threshold(tr_y, tr_distances)
+        # The port's extras, written by process 0 alone: models, history, plots, and
+        # metrics.json last, as the run's end mark. The others drop their resume state.
+        if placement.process_index > 0:
+            run_folder.finish_run(output_dir, None)
+            return status.code
+        metrics = evaluation.pair_metrics(tr_y, tr_distances, te_y, te_distances)
         history_rows = run_folder.final_history(output_dir)
         run_folder.save_model(model, output_dir / "siamese_model.keras")
         run_folder.save_model(base_network, output_dir / "embedding_network.keras")
         run_folder.write_csv(history_rows, output_dir / "history.csv")
         if not args.no_plots:
-            figures = (history_rows, x_test, te_pairs, te_y, te_distances, threshold)
-            plots.plot_mnist_run(output_dir, *figures)
+            figures = (x_test, te_pairs, te_y, te_distances, metrics["best_threshold"])
+            plots.plot_mnist_run(output_dir, history_rows, *figures)
         metrics = {
             "train_accuracy": tr_acc,
             "test_accuracy": te_acc,
-            "test_roc_auc": evaluation.roc_auc(te_y, te_distances),
-            "best_threshold": threshold,
-            "best_threshold_accuracy": compute_accuracy(te_y, te_distances, threshold),
+            **metrics,
             "epochs": len(history_rows),
             "seconds_per_epoch": callbacks[-1].mean(),
+            "backend": keras.backend.backend(),
+            "processes": placement.process_count,
             "network": args.network,
             "intra_op_threads": intra_op_threads,
             "margin": args.margin,

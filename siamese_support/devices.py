@@ -1,12 +1,22 @@
-"""TensorFlow's quiet start, the device line, `tf.distribute` strategies and thread settings.
+"""TensorFlow's quiet start, the device line, distribution over devices and processes, threads.
 
 These decide where and how the tutorials' code runs, not what it computes, so they live
-here. TensorFlow is imported inside the functions that need it.
+here. TensorFlow and JAX are imported inside the functions that need them: the MNIST script
+runs under any Keras backend, without TensorFlow installed.
 """
 
+import collections
 import contextlib
 import os
 import sys
+
+# keras-team/keras#20585: Keras 3's `fit()` fails under MultiWorkerMirroredStrategy.
+MULTI_WORKER_ISSUE = "https://github.com/keras-team/keras/issues/20585"
+CLUSTER_VARIABLES = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
 
 
 @contextlib.contextmanager
@@ -62,6 +72,129 @@ def choose_strategy(name):
     return strategy, f"Device: {device}, MirroredStrategy over {replicas} replicas"
 
 
+Placement = collections.namedtuple("Placement", ["scope", "line", "process_index", "process_count"])
+Placement.__doc__ = """Where the MNIST script trains: `scope()` to build and fit in, the first
+output line, and this process's place among the processes of a multi-process run."""
+
+
+def keras_backend():
+    """The name of the Keras backend in use: "tensorflow", "jax" or "torch"."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def tensorflow_backend():
+    """Whether Keras runs on TensorFlow."""
+    return keras_backend() == "tensorflow"
+
+
+def tensorflow_distributed():
+    """Whether this runs under a `tf.distribute` strategy (never under another backend)."""
+    if not tensorflow_backend():
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
+
+
+def process_place(distribute):
+    """This process's `(index, count)`: `(0, 1)` unless `distribute` is "multi-process".
+
+    A multi-process run reads its place from the `KERAS_DISTRIBUTION_*` variables, which
+    `keras.distribution.initialize()` reads too; a missing or malformed one is a
+    `ValueError` naming it, before anything else starts.
+    """
+    if distribute != "multi-process":
+        return 0, 1
+    values = {}
+    for name in CLUSTER_VARIABLES:
+        values[name] = os.environ.get(name, "").strip()
+        if not values[name]:
+            raise ValueError(
+                f"--distribute multi-process needs {name} (see tools/launch_local_workers.py)"
+            )
+    addresses = values["KERAS_DISTRIBUTION_JOB_ADDRESSES"].split(",")
+    for address in addresses:
+        host, _, port = address.strip().rpartition(":")
+        if not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(
+                f"KERAS_DISTRIBUTION_JOB_ADDRESSES: {address.strip()!r} is not HOST:PORT"
+            )
+    numbers = {}
+    for name in CLUSTER_VARIABLES[1:]:
+        try:
+            numbers[name] = int(values[name])
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {values[name]!r}") from None
+    count, index = numbers.values()
+    if count < 1:
+        raise ValueError(f"KERAS_DISTRIBUTION_NUM_PROCESSES must be at least 1, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(
+            f"KERAS_DISTRIBUTION_PROCESS_ID must be from 0 to {count - 1}, got {index}"
+        )
+    if len(addresses) > 1 and len(addresses) != count:
+        raise ValueError(
+            f"KERAS_DISTRIBUTION_JOB_ADDRESSES lists {len(addresses)} addresses for "
+            f"{count} processes"
+        )
+    return index, count
+
+
+def choose_placement(distribute):
+    """Where the MNIST script trains, on whichever Keras backend runs: a `Placement`.
+
+    TensorFlow: `choose_strategy`. JAX: one device, Keras's `DataParallel` over the local
+    devices when `auto` finds several, or over every device of every process with
+    `multi-process` (after `keras.distribution.initialize()`; CPUs exchange results with
+    gloo). PyTorch: one device. An option the backend cannot honour is a `ValueError`.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        if distribute == "multi-process":
+            raise ValueError(
+                "--distribute multi-process needs KERAS_BACKEND=jax: Keras 3's fit() fails "
+                f"under TensorFlow's MultiWorkerMirroredStrategy ({MULTI_WORKER_ISSUE})"
+            )
+        strategy, line = choose_strategy(distribute)
+        return Placement(strategy.scope, f"Backend: tensorflow. {line}", 0, 1)
+    if distribute == "mirrored":
+        raise ValueError(
+            f"--distribute mirrored is TensorFlow's MirroredStrategy: it needs "
+            f"KERAS_BACKEND=tensorflow (the backend is {backend})"
+        )
+    if backend != "jax":
+        if distribute == "multi-process":
+            raise ValueError(
+                f"--distribute multi-process needs KERAS_BACKEND=jax (the backend is {backend})"
+            )
+        import torch
+
+        device = "GPU" if torch.cuda.is_available() else "CPU"
+        return Placement(contextlib.nullcontext, f"Backend: {backend}. Device: {device}", 0, 1)
+    import jax
+
+    index, count = process_place(distribute)
+    if distribute == "multi-process":
+        # CPUs have no collectives of their own; gloo is what JAX offers for them.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        keras.distribution.initialize()
+    device = jax.devices()[0].platform.upper()
+    devices = keras.distribution.list_devices()
+    line = f"Backend: jax. Device: {device}"
+    if distribute == "none" or len(devices) == 1:
+        return Placement(contextlib.nullcontext, line, index, count)
+    # Each process feeds its own share of every batch (see pipelines.PairBatches).
+    distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
+    line += f", DataParallel over {len(devices)} devices"
+    if count > 1:
+        line += f" in {count} processes (this is process {index})"
+    return Placement(distribution.scope, line, index, count)
+
+
 def gpu_visible():
     """Whether TensorFlow sees a GPU."""
     import tensorflow as tf
@@ -80,8 +213,17 @@ def configure_threads(requested, network):
     against 75 s with one thread).
 
     TensorFlow reads the setting when it starts, so this comes before its first operation;
-    in a process where it already runs (`main()` called again), its setting stays.
+    in a process where it already runs (`main()` called again), its setting stays. Under
+    another Keras backend there is nothing to set: returns None, and a request is an error.
     """
+    backend = keras_backend()
+    if backend != "tensorflow":
+        if requested is not None:
+            raise ValueError(
+                f"--intra-op-threads sets TensorFlow's thread pool: it needs "
+                f"KERAS_BACKEND=tensorflow (the backend is {backend})"
+            )
+        return None
     import tensorflow as tf
 
     if requested is None:

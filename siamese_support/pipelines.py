@@ -1,13 +1,17 @@
-"""`tf.data` helpers for the scripts' input pipelines: per-epoch shuffled index batches.
+"""Input pipelines for the scripts: per-epoch shuffled index batches, with or without TensorFlow.
 
 The tutorials fit on arrays (MNIST) or on a `tf.data` pipeline of file names (triplet). The
 ports gather rows by index instead (see the scripts); the generic parts of that, which say
-nothing about Siamese networks, live here. TensorFlow is imported only by the functions.
+nothing about Siamese networks, live here. TensorFlow is imported only by the functions
+that build `tf.data` pipelines: `PairBatches` needs only NumPy and Keras.
 """
+
+import keras
+import numpy as np
 
 from siamese_support.devices import without_autotuning
 
-__all__ = ["shuffled_index_batches", "without_autotuning"]
+__all__ = ["PairBatches", "shuffled_index_batches", "without_autotuning"]
 
 
 def shuffled_index_batches(count, batch_size, seed):
@@ -33,3 +37,64 @@ def shuffled_index_batches(count, batch_size, seed):
     # read, and without one Keras warns at the end of every epoch.
     batch_count = -(-count // batch_size)
     return orders.flat_map(batched).apply(tf.data.experimental.assert_cardinality(batch_count))
+
+
+class PairBatches(keras.utils.PyDataset):
+    """`((image_a, image_b), label)` batches gathered from index pairs, with NumPy alone.
+
+    The input pipeline of the MNIST script under JAX and PyTorch, with the `tf.data`
+    pipeline's rules: uint8 `images` scaled to [0, 1] batch by batch, `batch_size` pairs a
+    batch, the last one short, and with `seed` a new order of the pairs every epoch (one
+    permutation per pass, drawn from the seed and the pass's number).
+
+    In a run of several processes each process feeds its share of every global batch: the
+    `process_index`-th of `process_count` equal slices, which Keras's `DataParallel` puts
+    together into the global batch. A short last batch that does not divide evenly is
+    padded with repeats of its first pair, weighted 0, so that every pair is seen once an
+    epoch; the batches then carry sample weights (1 for every real pair).
+    """
+
+    def __init__(
+        self, images, pairs, labels=None, batch_size=128, seed=None, process_index=0,
+        process_count=1,
+    ):  # fmt: skip
+        super().__init__()
+        if process_count > 1 and batch_size % process_count:
+            raise ValueError(
+                f"--batch-size {batch_size} is the batch of all {process_count} processes "
+                "together: it must be a multiple of the number of processes"
+            )
+        self.images, self.pairs = np.asarray(images), np.asarray(pairs)
+        self.labels = None if labels is None else np.asarray(labels, np.float32)
+        self.batch_size, self.seed = batch_size, seed
+        self.process_index, self.process_count = process_index, process_count
+        self.passes = 0
+        self.order = self._order()
+
+    def _order(self):
+        if self.seed is None:
+            return np.arange(len(self.pairs))
+        return np.random.default_rng([self.seed, self.passes]).permutation(len(self.pairs))
+
+    def __len__(self):
+        return -(-len(self.pairs) // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        weights = None
+        if self.process_count > 1:
+            share = -(-len(rows) // self.process_count)
+            padded = np.concatenate([rows, np.repeat(rows[:1], share * self.process_count)])
+            weights = (np.arange(len(padded)) < len(rows)).astype(np.float32)
+            start = self.process_index * share
+            rows, weights = padded[start : start + share], weights[start : start + share]
+        pair_images = self.images[self.pairs[rows]].astype(np.float32) / 255.0
+        inputs = (pair_images[:, 0], pair_images[:, 1])
+        if self.labels is None:
+            return (inputs,)
+        labels = self.labels[rows][:, None]
+        return (inputs, labels) if weights is None else (inputs, labels, weights)
+
+    def on_epoch_end(self):
+        self.passes += 1
+        self.order = self._order()

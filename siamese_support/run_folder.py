@@ -291,7 +291,7 @@ def interrupted_message(output_dir, interrupt=None):
 
 
 @contextlib.contextmanager
-def exclusive_use(output_dir):
+def exclusive_use(output_dir, place=(0, 1)):
     """This run's hold on its output folder for the block: one run per folder, failures explained.
 
     The folder is created if needed and locked with an OS lock (`flock`) on its `.lock` file,
@@ -300,8 +300,14 @@ def exclusive_use(output_dir):
     holds it. Inside the block, Ctrl-C, SIGTERM and a failed write (full disk, read-only
     file system, lost permission) become one message that says what is kept and how to go
     on. A folder this creates stays only if the run wrote something into it.
+
+    Yields the folder this process uses. `place` is the process's `(index, count)` in a
+    multi-process run: process 0 uses `output_dir`, which holds the run's outputs; each
+    other process `output_dir/process-<index>`, where it keeps only its resume state.
     """
     output_dir = pathlib.Path(output_dir)
+    if place[0] > 0:
+        output_dir = output_dir / f"process-{place[0]}"
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
     created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
@@ -414,9 +420,10 @@ def finish_run(output_dir, metrics):
     """Write `metrics.json`, which marks the run as finished, then drop the backup.
 
     Called after every other output is written: until then, a crash leaves a run that
-    resumes at its last finished epoch.
+    resumes at its last finished epoch. `metrics` None drops the backup alone.
     """
     output_dir = pathlib.Path(output_dir)
-    write_json(metrics, output_dir / "metrics.json")
+    if metrics is not None:  # None: a process that only kept resume state here
+        write_json(metrics, output_dir / "metrics.json")
     shutil.rmtree(output_dir / "backup", ignore_errors=True)
     (output_dir / "history-progress.csv").unlink(missing_ok=True)
