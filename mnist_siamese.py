@@ -397,7 +397,7 @@ def main(argv=None):
         print(f"Saved models, history, metrics and plots in {output_dir}")
         print(f"* Accuracy on training set: {100 * tr_acc:0.2f}%")
         print(f"* Accuracy on test set: {100 * te_acc:0.2f}%")
-    return status.code
+    return devices.leave(status.code)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class ProcessLost(RuntimeError):
+    """Another process of a multi-process run stopped: this one cannot go on (exit code 1)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, as schedulers (Slurm, Kubernetes) stop a job: handled like Ctrl-C."""
 
@@ -64,11 +68,11 @@ def _raise_terminated(signum, frame):
 def one_line_errors(prog, interrupted="interrupted"):
     """Turn the errors a user can cause into one line on stderr and an exit code.
 
-    `ValueError`, `OSError` and `DownloadError` give exit code 2. Ctrl-C gives 130 and
-    SIGTERM 143, the shell's codes for the two signals, each with its message (the scripts
-    say how to resume; `interrupted` is said otherwise). Inside the block SIGTERM raises
-    `Terminated`, unless it was set to be ignored. Yields an `ExitStatus` whose `code`
-    holds the result.
+    `ValueError`, `OSError` and `DownloadError` give exit code 2, `ProcessLost` 1. Ctrl-C
+    gives 130 and SIGTERM 143, the shell's codes for the two signals, each with its message
+    (the scripts say how to resume; `interrupted` is said otherwise). Inside the block
+    SIGTERM raises `Terminated`, unless it was set to be ignored. Yields an `ExitStatus`
+    whose `code` holds the result.
     """
     status = ExitStatus()
     previous = None
@@ -84,6 +88,9 @@ def one_line_errors(prog, interrupted="interrupted"):
             default = "terminated" if terminated else interrupted
             print(f"{prog}: {str(interrupt) or default}", file=sys.stderr)
             status.code = 143 if terminated else 130
+        elif isinstance(error, ProcessLost):
+            print(f"{prog}: {error}", file=sys.stderr)
+            status.code = 1
         elif isinstance(error, (ValueError, OSError, DownloadError)):
             print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
             status.code = 2
@@ -169,15 +176,24 @@ def add_resume_options(parser):
     )
 
 
-def add_distribute_option(parser):
-    """`--distribute`, the same in both scripts."""
+def add_distribute_option(parser, multi_process=False):
+    """`--distribute`, the same in both scripts; `multi_process` adds the MNIST script's."""
+    help_text = (
+        "auto mirrors training over the GPUs when more than one is visible; mirrored "
+        "forces tf.distribute.MirroredStrategy (over the CPU's logical devices without a "
+        "GPU); none trains on one device"
+    )
+    if multi_process:
+        help_text += (
+            "; multi-process (KERAS_BACKEND=jax) trains in several processes or machines "
+            "under Keras's DataParallel, each process placed by the KERAS_DISTRIBUTION_* "
+            "variables (see tools/launch_local_workers.py)"
+        )
     parser.add_argument(
         "--distribute",
-        choices=("auto", "none", "mirrored"),
+        choices=("auto", "none", "mirrored", "multi-process")[: 4 if multi_process else 3],
         default="auto",
-        help="auto mirrors training over the GPUs when more than one is visible; mirrored "
-        "forces tf.distribute.MirroredStrategy (over the CPU's logical devices without a "
-        "GPU); none trains on one device (default auto)",
+        help=help_text + " (default auto)",
     )
 
 
@@ -240,12 +256,13 @@ def mnist_parser(epochs, batch_size, dry_run_batch_size, margin, learning_rate, 
         "unless --output-dir is given",
     )
     add_run_folder_options(parser, "runs/mnist_siamese", "runs/mnist_siamese_dry_run")
-    add_distribute_option(parser)
+    add_distribute_option(parser, multi_process=True)
     parser.add_argument(
         "--intra-op-threads",
         type=whole_number(0),
         help="threads TensorFlow gives one operation; 0 lets TensorFlow choose (default: "
-        "1 for the MLP without a GPU, where it measured faster, otherwise 0)",
+        "1 for the MLP without a GPU, where it measured faster, otherwise 0; TensorFlow "
+        "backend only)",
     )
     return parser
 

@@ -107,6 +107,8 @@ def process_place(distribute):
     """
     if distribute != "multi-process":
         return 0, 1
+    if keras_backend() != "jax":
+        choose_placement(distribute)  # raises: the backend cannot run several processes
     values = {}
     for name in CLUSTER_VARIABLES:
         values[name] = os.environ.get(name, "").strip()
@@ -182,6 +184,7 @@ def choose_placement(distribute):
         # CPUs have no collectives of their own; gloo is what JAX offers for them.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         keras.distribution.initialize()
+        _processes_started.append(count)
     device = jax.devices()[0].platform.upper()
     devices = keras.distribution.list_devices()
     line = f"Backend: jax. Device: {device}"
@@ -193,6 +196,39 @@ def choose_placement(distribute):
     if count > 1:
         line += f" in {count} processes (this is process {index})"
     return Placement(distribution.scope, line, index, count)
+
+
+_processes_started = []
+
+
+def lost_process(error):
+    """Whether `error` is JAX's report that a collective operation lost another process.
+
+    Each step of a multi-process run exchanges results with every other process; when one
+    dies, the others' next exchange fails ("Gloo AllGather failed ... Connection reset by
+    peer") with JAX's runtime error, or its status as a `ValueError`.
+    """
+    if not _processes_started:
+        return False
+    if type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
+        return True
+    # JAX's host-to-host gathers re-raise the runtime's status as a ValueError.
+    status = str(error).split(":", 1)[0]
+    return isinstance(error, ValueError) and status in ("UNKNOWN", "INTERNAL", "UNAVAILABLE")
+
+
+def leave(code):
+    """Return `code` for the process's exit, or, after a failed multi-process run, exit now.
+
+    At exit JAX waits for every process at a shutdown barrier; after another process died
+    that wait lasts until its missed heartbeats time out (100 s seen here) and ends in an
+    abort with a stack dump. A failed run has said what happened already: it skips that.
+    """
+    if code and _processes_started:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def gpu_visible():

@@ -21,7 +21,7 @@ import time
 import keras
 import numpy as np
 
-from siamese_support import command_line
+from siamese_support import command_line, devices
 
 try:
     import fcntl
@@ -290,6 +290,14 @@ def interrupted_message(output_dir, interrupt=None):
     return f"{word} before the first epoch finished; nothing to resume"
 
 
+def lost_process_message(output_dir, error):
+    """What a multi-process run says when another of its processes died, and how to go on."""
+    said = f"stopped: another process of this run stopped ({command_line.one_line(error)})"
+    if (pathlib.Path(output_dir) / "backup" / "training_metadata.json").exists():
+        return f"{said}; start every process again with --resume to continue"
+    return f"{said} before the first epoch finished; nothing to resume"
+
+
 @contextlib.contextmanager
 def exclusive_use(output_dir, place=(0, 1)):
     """This run's hold on its output folder for the block: one run per folder, failures explained.
@@ -311,6 +319,8 @@ def exclusive_use(output_dir, place=(0, 1)):
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
     created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+    if place[0] > 0 and output_dir.exists():
+        created.insert(0, output_dir)  # a process's own folder goes once it holds nothing
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock = _lock(output_dir)
@@ -326,6 +336,8 @@ def exclusive_use(output_dir, place=(0, 1)):
         interrupt = command_line.interrupt_behind(error) or error
         if isinstance(interrupt, KeyboardInterrupt):
             raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
+        if devices.lost_process(error):
+            raise command_line.ProcessLost(lost_process_message(output_dir, error)) from None
         if not isinstance(error, OSError) or not _inside(error.filename, output_dir):
             raise
         raise ValueError(explain_write_error(error, output_dir)) from None

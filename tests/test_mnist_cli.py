@@ -98,7 +98,9 @@ def dry_run(tmp_path_factory):
 def test_dry_run_output_lines(dry_run):
     cwd, result = dry_run
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("Device:"), lines[0]
+    # The first line names the Keras backend (the one this test runs under) and the device.
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    assert re.match(rf"Backend: {backend}\. Device: (CPU|GPU)", lines[0]), lines[0]
     assert re.fullmatch(r"\* Accuracy on training set: \d{1,3}\.\d\d%", lines[-2]), lines[-2]
     assert re.fullmatch(r"\* Accuracy on test set: \d{1,3}\.\d\d%", lines[-1]), lines[-1]
     assert "Traceback" not in result.stderr
@@ -158,8 +160,12 @@ def test_dry_run_history_and_metrics(dry_run):
     assert metrics["seconds_per_epoch"] > 0
     assert metrics["best_threshold"] > 0
     assert metrics["test_accuracy"] >= 0.75, metrics
-    # The MLP on a machine without a GPU runs one thread per operation (measured faster).
-    expected_threads = 1 if result.stdout.startswith("Device: CPU") else 0
+    # The MLP on a machine without a GPU runs one thread per operation (measured faster);
+    # the setting is TensorFlow's, and under another backend there is none.
+    assert metrics["backend"] == os.environ.get("KERAS_BACKEND", "tensorflow")
+    expected_threads = 1 if "Device: CPU" in result.stdout.splitlines()[0] else 0
+    if metrics["backend"] != "tensorflow":
+        expected_threads = None
     assert metrics["intra_op_threads"] == expected_threads, metrics
     # The validation accuracy Keras logged is the same threshold on the same test pairs
     # (but with dropout off in both): it must agree with the final test accuracy.

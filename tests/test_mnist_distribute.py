@@ -52,7 +52,7 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
     single_output, single_rows = run_one_epoch("none", tmp_path / "single")
     mirrored_output, mirrored_rows = run_one_epoch("mirrored", tmp_path / "mirrored")
 
-    assert single_output.splitlines()[0] == "Device: CPU"
+    assert single_output.splitlines()[0] == "Backend: tensorflow. Device: CPU"
     assert "MirroredStrategy over 2 replicas" in mirrored_output.splitlines()[0]
     assert len(single_rows) == len(mirrored_rows) == 1
     for key in ("loss", "val_loss"):

@@ -19,13 +19,21 @@ FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
 sys.path.insert(0, str(REPOSITORY))
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
 import mnist_siamese  # noqa: E402
 from siamese_support import evaluation, mnist_data, pipelines, run_folder  # noqa: E402
 
 EPSILON = keras.config.epsilon()
+# These tests run under whichever Keras backend the environment names; CI runs them under
+# TensorFlow and, without TensorFlow installed, under JAX. A few check TensorFlow's pieces.
+tensorflow_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="checks TensorFlow's pipeline or tape"
+)
+
+
+def as_numpy(value):
+    return ops.convert_to_numpy(value)
 
 
 def to_numpy(value):
@@ -98,9 +106,26 @@ def test_euclidean_distance_matches_numpy_on_random_vectors():
     np.testing.assert_allclose(got, reference_distance(a, b), rtol=1e-5)
 
 
-def test_euclidean_distance_is_floored_at_sqrt_epsilon_with_finite_gradient():
-    import tensorflow as tf
+def gradient_of_total_distance(a):
+    """The gradient of the summed distances of `a` to itself, on the backend in use."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
+        x = tf.Variable(a)
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(mnist_siamese.euclidean_distance([x, tf.constant(a)]))
+        return tape.gradient(total, x).numpy()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def total(x):
+            return ops.sum(mnist_siamese.euclidean_distance([x, a]))
+
+        return np.asarray(jax.grad(total)(a))
+    pytest.skip(f"no gradient helper for the {keras.backend.backend()} backend")
+
+
+def test_euclidean_distance_is_floored_at_sqrt_epsilon_with_finite_gradient():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(5, 8)).astype("float32")
     b = a.copy()
@@ -111,11 +136,7 @@ def test_euclidean_distance_is_floored_at_sqrt_epsilon_with_finite_gradient():
     np.testing.assert_allclose(got[4], np.sqrt(8.0), rtol=1e-5)
 
     # The floor is there so that identical inputs do not give an infinite/NaN gradient.
-    x = tf.Variable(a)
-    with tf.GradientTape() as tape:
-        total = tf.reduce_sum(mnist_siamese.euclidean_distance([x, tf.constant(a)]))
-    gradient = tape.gradient(total, x).numpy()
-    assert np.all(np.isfinite(gradient))
+    assert np.all(np.isfinite(gradient_of_total_distance(a)))
 
 
 def test_euclidean_distance_layer_matches_function_and_round_trips():
@@ -278,6 +299,15 @@ def test_create_pairs_refuses_a_class_without_two_images(short_class_size):
         mnist_siamese.create_pairs(labels, digit_indices_of(labels), 0)
 
 
+def batches_of(dataset):
+    """One epoch of `make_pair_dataset`'s batches: a tf.data pass, or a PyDataset's."""
+    if isinstance(dataset, keras.utils.PyDataset):
+        batches = [dataset[index] for index in range(len(dataset))]
+        dataset.on_epoch_end()
+        return batches
+    return list(dataset)
+
+
 def test_make_pair_dataset_gathers_scaled_images_in_order():
     rng = np.random.default_rng(6)
     # Image i is filled with the value 10 * i + 3, so every gathered image names its index.
@@ -289,8 +319,8 @@ def test_make_pair_dataset_gathers_scaled_images_in_order():
     labels = rng.integers(0, 2, size=37).astype(np.float32)
     dataset = mnist_siamese.make_pair_dataset(images, pairs, labels, batch_size=8)
     firsts, seconds, got_labels, batch_sizes = [], [], [], []
-    for (image_a, image_b), label in dataset:
-        image_a, image_b, label = image_a.numpy(), image_b.numpy(), label.numpy()
+    for (image_a, image_b), label in batches_of(dataset):
+        image_a, image_b, label = as_numpy(image_a), as_numpy(image_b), as_numpy(label)
         assert image_a.dtype == np.float32 and image_b.dtype == np.float32
         assert label.shape == (len(image_a), 1)
         firsts.append(image_a)
@@ -307,7 +337,10 @@ def test_make_pair_dataset_gathers_scaled_images_in_order():
     np.testing.assert_array_equal(np.concatenate(got_labels).ravel(), labels)
 
 
+@tensorflow_only
 def test_pair_and_evaluation_pipelines_run_without_autotuning():
+    import tensorflow as tf
+
     images = np.zeros((4, 28, 28), np.uint8)
     pairs = np.array([[0, 1], [2, 3]], np.int32)
     labels = np.array([1.0, 0.0], np.float32)
@@ -327,12 +360,11 @@ def test_make_pair_dataset_with_seed_visits_every_pair_once_per_epoch():
 
     def one_epoch():
         seen = []
-        for (image_a, image_b), label in dataset:
-            first = np.rint(image_a.numpy()[:, 0, 0] * 255).astype(int)
-            second = np.rint(image_b.numpy()[:, 0, 0] * 255).astype(int)
-            seen += list(
-                zip(first.tolist(), second.tolist(), label.numpy().ravel().tolist(), strict=True)
-            )
+        for (image_a, image_b), label in batches_of(dataset):
+            first = np.rint(as_numpy(image_a)[:, 0, 0] * 255).astype(int)
+            second = np.rint(as_numpy(image_b)[:, 0, 0] * 255).astype(int)
+            labels_seen = as_numpy(label).ravel().tolist()
+            seen += list(zip(first.tolist(), second.tolist(), labels_seen, strict=True))
         return seen
 
     epochs = [one_epoch() for _ in range(3)]

@@ -1,0 +1,237 @@
+"""mnist_siamese.py under each Keras 3 backend: JAX and PyTorch without TensorFlow.
+
+Each test starts the script in a subprocess with `KERAS_BACKEND` set. A backend that is not
+installed skips its tests, with the reason: CI installs TensorFlow and JAX in its main
+environment and runs this module again in an environment with JAX and without TensorFlow
+(`.ci/run`); PyTorch is not a CI dependency (a multi-gigabyte install).
+"""
+
+import importlib.util
+import json
+import pathlib
+import re
+import textwrap
+
+import helpers
+import numpy as np
+import pytest
+
+REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = REPOSITORY / "mnist_siamese.py"
+FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
+PROG = "mnist_siamese.py"
+MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def installed(backend):
+    return importlib.util.find_spec(MODULES[backend]) is not None
+
+
+def needs(*backends):
+    missing = [backend for backend in backends if not installed(backend)]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed here: {', '.join(missing)}")
+
+
+# Runs the script as `python mnist_siamese.py ARGS` would, then says on stderr's last line
+# whether TensorFlow was imported, which under another backend it must not be.
+RUN_AND_REPORT_IMPORTS = textwrap.dedent(
+    """
+    import runpy, sys
+    sys.path.insert(0, sys.argv[1])
+    script = sys.argv[1] + "/mnist_siamese.py"
+    sys.argv = [script, *sys.argv[2:]]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        print("tensorflow imported:", "tensorflow" in sys.modules, file=sys.stderr)
+    """
+)
+
+
+def run(args, cwd, backend, monkeypatch, timeout=300, report_imports=False):
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    code = RUN_AND_REPORT_IMPORTS if report_imports else None
+    return helpers.finish(helpers.start(SCRIPT, args, cwd, code), timeout)
+
+
+def describe(result):
+    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr}"
+
+
+def assert_one_line_error(result, *hints):
+    assert result.returncode == 2, describe(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG}: error: "), describe(result)
+    for hint in hints:
+        assert hint in lines[0], (hint, lines[0])
+
+
+SMALL_RUN = [
+    "--data",
+    FIXTURE,
+    "--limit",
+    "600",
+    "--no-plots",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small run under each installed backend of TensorFlow and JAX: backend -> folder."""
+    folders = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for backend in ("tensorflow", "jax"):
+            if not installed(backend):
+                continue
+            cwd = tmp_path_factory.mktemp(backend)
+            result = run([*SMALL_RUN, "--output-dir", "out"], cwd, backend, monkeypatch)
+            assert result.returncode == 0, describe(result)
+            folders[backend] = (cwd / "out", result)
+    return folders
+
+
+@needs("jax")
+def test_dry_run_under_jax_needs_no_tensorflow(tmp_path, monkeypatch):
+    result = run(["--dry-run"], tmp_path, "jax", monkeypatch, report_imports=True)
+    assert result.returncode == 0, describe(result)
+    assert result.stdout.splitlines()[0] == "Backend: jax. Device: CPU"
+    assert result.stderr.strip().splitlines()[-1] == "tensorflow imported: False"
+    output_dir = tmp_path / "runs" / "mnist_siamese_dry_run"
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["backend"] == "jax" and metrics["intra_op_threads"] is None
+    assert metrics["test_accuracy"] >= 0.75, metrics
+    for name in ("siamese_model.keras", "embedding_network.keras", "history.csv", "pairs.png"):
+        assert (output_dir / name).is_file(), name
+
+
+@needs("torch")
+def test_dry_run_under_pytorch_needs_no_tensorflow(tmp_path, monkeypatch):
+    result = run(["--dry-run"], tmp_path, "torch", monkeypatch, report_imports=True)
+    assert result.returncode == 0, describe(result)
+    assert re.fullmatch(r"Backend: torch\. Device: (CPU|GPU)", result.stdout.splitlines()[0])
+    assert result.stderr.strip().splitlines()[-1] == "tensorflow imported: False"
+    metrics = json.loads((tmp_path / "runs" / "mnist_siamese_dry_run" / "metrics.json").read_text())
+    assert metrics["backend"] == "torch" and metrics["test_accuracy"] >= 0.75, metrics
+
+
+# Loads a run's two models under the backend of this process and prints the distances it
+# gives fixed pairs of images, two ways: the Siamese model, and its embedding network.
+RELOAD = textwrap.dedent(
+    """
+    import json, pathlib, sys
+    sys.path.insert(0, sys.argv[1])
+    import mnist_siamese  # registers the custom layer, loss and metric
+    import keras
+    import numpy as np
+
+    output_dir = pathlib.Path(sys.argv[2])
+    siamese = keras.saving.load_model(output_dir / "siamese_model.keras")
+    embedding = keras.saving.load_model(output_dir / "embedding_network.keras")
+    images = np.random.default_rng(0).random((64, 28, 28)).astype("float32")
+    distances = siamese.predict([images[:32], images[32:]], verbose=0).ravel()
+    embedded = embedding.predict(images, verbose=0)
+    print(json.dumps({
+        "backend": keras.backend.backend(),
+        "distances": distances.tolist(),
+        "embedding": embedded[:4].tolist(),
+        "margin": siamese.loss.margin,
+    }))
+    """
+)
+
+
+@needs("tensorflow", "jax")
+@pytest.mark.parametrize("saved_under", ["tensorflow", "jax"])
+def test_models_saved_under_one_backend_reload_under_the_other(
+    trained, saved_under, monkeypatch, tmp_path
+):
+    output_dir, _ = trained[saved_under]
+    results = {}
+    for backend in ("tensorflow", "jax"):
+        monkeypatch.setenv("KERAS_BACKEND", backend)
+        process = helpers.start(SCRIPT, [output_dir], tmp_path, RELOAD)
+        result = helpers.finish(process, 120)
+        assert result.returncode == 0, describe(result)
+        results[backend] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results["tensorflow"]["backend"] == "tensorflow" and results["jax"]["backend"] == "jax"
+    distances = np.array(results["jax"]["distances"])
+    assert distances.min() > 0 and np.ptp(distances) > 0  # a trained, working model
+    # The same weights give the same numbers; the backends' kernels differ only in rounding.
+    np.testing.assert_allclose(distances, results["tensorflow"]["distances"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        results["jax"]["embedding"], results["tensorflow"]["embedding"], rtol=1e-4, atol=1e-5
+    )
+    assert results["jax"]["margin"] == results["tensorflow"]["margin"] == 1.0
+
+
+@needs("jax")
+def test_small_run_under_jax_learns_and_saves(trained):
+    output_dir, result = trained["jax"]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["backend"] == "jax"
+    assert metrics["test_accuracy"] > 0.6, metrics
+    assert result.stdout.splitlines()[-1].startswith("* Accuracy on test set: ")
+
+
+@needs("jax")
+@pytest.mark.parametrize(
+    ("args", "hints"),
+    [
+        (["--intra-op-threads", "2"], ["--intra-op-threads", "KERAS_BACKEND=tensorflow", "jax"]),
+        (["--distribute", "mirrored"], ["MirroredStrategy", "KERAS_BACKEND=tensorflow"]),
+    ],
+)
+def test_tensorflow_only_options_under_jax(args, hints, tmp_path, monkeypatch):
+    result = run(["--dry-run", *args], tmp_path, "jax", monkeypatch)
+    assert_one_line_error(result, *hints)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+@needs("tensorflow")
+def test_multi_process_under_tensorflow_names_the_upstream_issue(tmp_path, monkeypatch):
+    result = run(
+        ["--dry-run", "--distribute", "multi-process"], tmp_path, "tensorflow", monkeypatch
+    )
+    assert_one_line_error(result, "KERAS_BACKEND=jax", "keras-team/keras/issues/20585")
+
+
+def cluster(addresses="127.0.0.1:1234", count="2", index="0"):
+    return {
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": addresses,
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": count,
+        "KERAS_DISTRIBUTION_PROCESS_ID": index,
+    }
+
+
+@needs("jax")
+@pytest.mark.parametrize(
+    ("variables", "hint"),
+    [
+        ({}, "needs KERAS_DISTRIBUTION_JOB_ADDRESSES"),
+        (
+            {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "127.0.0.1:1234"},
+            "needs KERAS_DISTRIBUTION_NUM_PROCESSES",
+        ),
+        (
+            cluster(addresses="localhost"),
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES: 'localhost' is not HOST:PORT",
+        ),
+        (cluster(count="two"), "KERAS_DISTRIBUTION_NUM_PROCESSES must be a whole number"),
+        (cluster(index="2"), "KERAS_DISTRIBUTION_PROCESS_ID must be from 0 to 1"),
+        (cluster(addresses="a:1,b:2,c:3"), "lists 3 addresses for 2 processes"),
+    ],
+)
+def test_multi_process_names_a_missing_or_malformed_variable(
+    variables, hint, tmp_path, monkeypatch
+):
+    for name in ("JOB_ADDRESSES", "NUM_PROCESSES", "PROCESS_ID"):
+        monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    result = run(["--dry-run", "--distribute", "multi-process"], tmp_path, "jax", monkeypatch)
+    assert_one_line_error(result, hint)
+    assert not (tmp_path / "runs").exists()
