@@ -263,9 +263,8 @@ def train(model, train_dataset, test_dataset, epochs, margin, learning_rate, cal
         loss=ContrastiveLoss(margin=margin),
         optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
         metrics=[accuracy],
-        # Keras's multi-step loop fails under MirroredStrategy in TF 2.21 (an unfed
-        # placeholder in its while loop), so distributed runs take one step per call.
-        steps_per_execution=1 if devices.tensorflow_distributed() else steps_per_execution,
+        # One step per call under MirroredStrategy and PyTorch (see `steps_per_call`).
+        steps_per_execution=devices.steps_per_call(steps_per_execution),
         # XLA was measured under TensorFlow: its compile time (2-4 s) outweighed what it
         # saved. JAX always compiles; "auto" lets each other backend choose.
         jit_compile=False if keras.backend.backend() == "tensorflow" else "auto",

@@ -89,13 +89,21 @@ def tensorflow_backend():
     return keras_backend() == "tensorflow"
 
 
-def tensorflow_distributed():
-    """Whether this runs under a `tf.distribute` strategy (never under another backend)."""
-    if not tensorflow_backend():
-        return False
-    import tensorflow as tf
+def steps_per_call(steps):
+    """`steps`, or 1 where Keras cannot run several steps per call.
 
-    return tf.distribute.has_strategy()
+    Keras's multi-step loop fails under `tf.distribute.MirroredStrategy` in TF 2.21 (an
+    unfed placeholder in its while loop), and the PyTorch backend has none.
+    """
+    backend = keras_backend()
+    if backend == "torch":
+        return 1
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy():
+            return 1
+    return steps
 
 
 def process_place(distribute):
