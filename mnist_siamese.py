@@ -310,7 +310,7 @@ def main(argv=None):
         intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
         placement = devices.choose_placement(args.distribute)
         print(placement.line, flush=True)
-        keras.utils.set_random_seed(args.seed)
+        devices.set_random_seed(args.seed)  # Python, NumPy and the backend
 
         # The data, split between train and test sets (uint8; scaled batch by batch).
         (x_train, y_train), (x_test, y_test) = mnist_data.load_mnist(args.data)
@@ -323,11 +323,8 @@ def main(argv=None):
         tr_pairs, tr_y = create_pairs(x_train, digit_indices, rng)
         digit_indices = [np.where(y_test == i)[0] for i in range(num_classes)]
         te_pairs, te_y = create_pairs(x_test, digit_indices, rng)
-        print(
-            f"{len(tr_pairs)} training pairs from {len(x_train)} images, "
-            f"{len(te_pairs)} test pairs from {len(x_test)} images",
-            flush=True,
-        )
+        training_pairs = f"{len(tr_pairs)} training pairs from {len(x_train)} images"
+        print(f"{training_pairs}, {len(te_pairs)} test pairs from {len(x_test)} images", flush=True)
         output_dir = run_folder.prepare_output_dir(
             output_dir, args.resume, args.overwrite, args.dry_run
         )
@@ -339,7 +336,7 @@ def main(argv=None):
         # Train. The training images are held once, as one tensor under TensorFlow (memory).
         train_images = tf.convert_to_tensor(x_train) if devices.tensorflow_backend() else x_train
         del x_train
-        place = (placement.process_index, placement.process_count)
+        place = placement.process_index, placement.process_count
         tr_dataset = make_pair_dataset(
             train_images, tr_pairs, tr_y, pair_batch_size, args.seed, place
         )

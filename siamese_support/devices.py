@@ -77,6 +77,19 @@ Placement.__doc__ = """Where the MNIST script trains: `scope()` to build and fit
 output line, and this process's place among the processes of a multi-process run."""
 
 
+def set_random_seed(seed):
+    """`keras.utils.set_random_seed`, without TensorFlow's start-up notices under JAX or PyTorch.
+
+    Keras seeds TensorFlow too whenever it is installed, whatever the backend (so that
+    `tf.data` shuffles repeat), which imports it: the notices that import prints are
+    silenced as for the TensorFlow backend.
+    """
+    import keras
+
+    with quiet_tensorflow_start():
+        keras.utils.set_random_seed(seed)
+
+
 def keras_backend():
     """The name of the Keras backend in use: "tensorflow", "jax" or "torch"."""
     import keras
