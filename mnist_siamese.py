@@ -166,13 +166,14 @@ def create_pairs(x, digit_indices, rng=None):
     return pairs, labels
 
 
-def make_pair_dataset(images, pairs, labels=None, batch_size=batch_size, seed=None, place=(0, 1)):
+def make_pair_dataset(images, pairs, labels=None, batch_size=batch_size, seed=None, place=()):
     """A `tf.data` pipeline of `((image_a, image_b), label)` batches from index pairs.
 
     The original fits on float32 copies of every pair's images. Here the uint8 images stay
     in one tensor, each batch gathers its pairs and scales them to [0, 1]. With `seed` the
     pairs come in a new order every epoch, as `fit()` shuffles arrays by default. Under JAX
-    and PyTorch, the same batches from NumPy; `place` is this process's `(index, count)`.
+    and PyTorch, the same batches from NumPy; `place` is `(process index, processes,
+    devices)` of a run spread over several devices.
     """
     if keras.backend.backend() != "tensorflow":
         return pipelines.PairBatches(images, pairs, labels, batch_size, seed, *place)
@@ -308,7 +309,7 @@ def main(argv=None):
         run_folder.exclusive_use(output_dir, devices.process_place(args.distribute)) as output_dir,
     ):
         intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
-        placement = devices.choose_placement(args.distribute)
+        placement = devices.choose_placement(args.distribute, pair_batch_size)
         print(placement.line, flush=True)
         devices.set_random_seed(args.seed)  # Python, NumPy and the backend
 
@@ -334,12 +335,9 @@ def main(argv=None):
             model, base_network = create_siamese_network(x_train.shape[1:], args.network)
 
         # Train. The training images are held once, as one tensor under TensorFlow (memory).
-        train_images = tf.convert_to_tensor(x_train) if devices.tensorflow_backend() else x_train
-        del x_train
-        place = placement.process_index, placement.process_count
-        tr_dataset = make_pair_dataset(
-            train_images, tr_pairs, tr_y, pair_batch_size, args.seed, place
-        )
+        x_train = tf.convert_to_tensor(x_train) if devices.tensorflow_backend() else x_train
+        place = placement[2:]  # this process's share of each batch (multi-process runs)
+        tr_dataset = make_pair_dataset(x_train, tr_pairs, tr_y, pair_batch_size, args.seed, place)
         # Validation batches are larger: the size does not change what validation measures,
         # and a pass over the test pairs took 0.09 s in batches of 1,024 against 0.12 s.
         te_dataset = make_pair_dataset(x_test, te_pairs, te_y, evaluation_batch_size, None, place)
@@ -356,7 +354,7 @@ def main(argv=None):
             )
 
         # Compute final accuracy on training and test sets (dropout off).
-        tr_distances = predict_distances(base_network, train_images, tr_pairs)
+        tr_distances = predict_distances(base_network, x_train, tr_pairs)
         te_distances = predict_distances(base_network, x_test, te_pairs)
         tr_acc = compute_accuracy(tr_y, tr_distances)
         te_acc = compute_accuracy(te_y, te_distances)

@@ -72,9 +72,12 @@ def choose_strategy(name):
     return strategy, f"Device: {device}, MirroredStrategy over {replicas} replicas"
 
 
-Placement = collections.namedtuple("Placement", ["scope", "line", "process_index", "process_count"])
+Placement = collections.namedtuple(
+    "Placement", ["scope", "line", "process_index", "process_count", "device_count"]
+)
 Placement.__doc__ = """Where the MNIST script trains: `scope()` to build and fit in, the first
-output line, and this process's place among the processes of a multi-process run."""
+output line, this process's place among the processes of a multi-process run, and the number
+of devices each batch is spread over by Keras's `DataParallel` (1 otherwise)."""
 
 
 def set_random_seed(seed):
@@ -129,7 +132,7 @@ def process_place(distribute):
     if distribute != "multi-process":
         return 0, 1
     if keras_backend() != "jax":
-        choose_placement(distribute)  # raises: the backend cannot run several processes
+        choose_placement(distribute, 1)  # raises: the backend cannot run several processes
     values = {}
     for name in CLUSTER_VARIABLES:
         values[name] = os.environ.get(name, "").strip()
@@ -165,13 +168,14 @@ def process_place(distribute):
     return index, count
 
 
-def choose_placement(distribute):
+def choose_placement(distribute, batch_size):
     """Where the MNIST script trains, on whichever Keras backend runs: a `Placement`.
 
     TensorFlow: `choose_strategy`. JAX: one device, Keras's `DataParallel` over the local
     devices when `auto` finds several, or over every device of every process with
     `multi-process` (after `keras.distribution.initialize()`; CPUs exchange results with
-    gloo). PyTorch: one device. An option the backend cannot honour is a `ValueError`.
+    gloo). PyTorch: one device. An option the backend cannot honour is a `ValueError`, and
+    so is a `batch_size` that does not split evenly over the devices.
     """
     import keras
 
@@ -183,7 +187,7 @@ def choose_placement(distribute):
                 f"under TensorFlow's MultiWorkerMirroredStrategy ({MULTI_WORKER_ISSUE})"
             )
         strategy, line = choose_strategy(distribute)
-        return Placement(strategy.scope, f"Backend: tensorflow. {line}", 0, 1)
+        return Placement(strategy.scope, f"Backend: tensorflow. {line}", 0, 1, 1)
     if distribute == "mirrored":
         raise ValueError(
             f"--distribute mirrored is TensorFlow's MirroredStrategy: it needs "
@@ -197,7 +201,8 @@ def choose_placement(distribute):
         import torch
 
         device = "GPU" if torch.cuda.is_available() else "CPU"
-        return Placement(contextlib.nullcontext, f"Backend: {backend}. Device: {device}", 0, 1)
+        line = f"Backend: {backend}. Device: {device}"
+        return Placement(contextlib.nullcontext, line, 0, 1, 1)
     import jax
 
     index, count = process_place(distribute)
@@ -210,13 +215,18 @@ def choose_placement(distribute):
     devices = keras.distribution.list_devices()
     line = f"Backend: jax. Device: {device}"
     if distribute == "none" or len(devices) == 1:
-        return Placement(contextlib.nullcontext, line, index, count)
+        return Placement(contextlib.nullcontext, line, index, count, 1)
+    if batch_size % len(devices):
+        raise ValueError(
+            f"--batch-size {batch_size} is the batch of all {len(devices)} devices together: "
+            "it must be a multiple of the number of devices"
+        )
     # Each process feeds its own share of every batch (see pipelines.PairBatches).
     distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
     line += f", DataParallel over {len(devices)} devices"
     if count > 1:
         line += f" in {count} processes (this is process {index})"
-    return Placement(distribution.scope, line, index, count)
+    return Placement(distribution.scope, line, index, count, len(devices))
 
 
 _processes_started = []

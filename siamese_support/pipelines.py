@@ -47,27 +47,31 @@ class PairBatches(keras.utils.PyDataset):
     batch, the last one short, and with `seed` a new order of the pairs every epoch (one
     permutation per pass, drawn from the seed and the pass's number).
 
-    In a run of several processes each process feeds its share of every global batch: the
-    `process_index`-th of `process_count` equal slices, which Keras's `DataParallel` puts
-    together into the global batch. A short last batch that does not divide evenly is
-    padded with repeats of its first pair, weighted 0, so that every pair is seen once an
-    epoch; the batches then carry sample weights (1 for every real pair).
+    Spread over `device_count` devices (Keras's `DataParallel`), in `process_count`
+    processes, each process feeds its share of every global batch: the `process_index`-th
+    of `process_count` equal slices, which Keras puts together into the global batch. A
+    batch that does not split evenly over the devices (a short last one) is padded with
+    repeats of its first pair, weighted 0, so that every pair is seen once an epoch; the
+    batches then carry sample weights (1 for every real pair).
     """
 
     def __init__(
-        self, images, pairs, labels=None, batch_size=128, seed=None, process_index=0,
+        self,
+        images,
+        pairs,
+        labels=None,
+        batch_size=128,
+        seed=None,
+        process_index=0,
         process_count=1,
-    ):  # fmt: skip
+        device_count=1,
+    ):
         super().__init__()
-        if process_count > 1 and batch_size % process_count:
-            raise ValueError(
-                f"--batch-size {batch_size} is the batch of all {process_count} processes "
-                "together: it must be a multiple of the number of processes"
-            )
         self.images, self.pairs = np.asarray(images), np.asarray(pairs)
         self.labels = None if labels is None else np.asarray(labels, np.float32)
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count
+        self.device_count = device_count
         self.passes = 0
         self.order = self._order()
 
@@ -82,10 +86,11 @@ class PairBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         weights = None
-        if self.process_count > 1:
-            share = -(-len(rows) // self.process_count)
-            padded = np.concatenate([rows, np.repeat(rows[:1], share * self.process_count)])
-            weights = (np.arange(len(padded)) < len(rows)).astype(np.float32)
+        if self.device_count > 1:
+            padded_size = -(-len(rows) // self.device_count) * self.device_count
+            padded = np.concatenate([rows, np.repeat(rows[:1], padded_size - len(rows))])
+            weights = (np.arange(padded_size) < len(rows)).astype(np.float32)
+            share = padded_size // self.process_count
             start = self.process_index * share
             rows, weights = padded[start : start + share], weights[start : start + share]
         pair_images = self.images[self.pairs[rows]].astype(np.float32) / 255.0

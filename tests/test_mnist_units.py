@@ -713,3 +713,43 @@ def test_ambiguous_or_broken_numbers_are_refused(tmp_path, tiny, change, hint):
     np.savez(tmp_path / "odd.npz", **arrays)
     with pytest.raises(ValueError, match=re.escape(hint)):
         mnist_data.load_mnist(tmp_path / "odd.npz")
+
+
+@pytest.mark.parametrize(("process_count", "device_count"), [(1, 1), (2, 2), (3, 3), (1, 4)])
+def test_pair_batches_shares_cover_every_pair_once_per_epoch(process_count, device_count):
+    # Image i holds the value i, so each gathered image names its index.
+    images = np.arange(41, dtype=np.uint8)[:, None, None] * np.ones((1, 2, 2), np.uint8)
+    pairs = np.stack([np.arange(41), (np.arange(41) + 5) % 41], axis=1).astype(np.int32)
+    labels = (np.arange(41) % 2).astype(np.float32)
+    shares = [
+        pipelines.PairBatches(images, pairs, labels, 12, 4, index, process_count, device_count)
+        for index in range(process_count)
+    ]
+    orders = []
+    for _ in range(2):
+        seen = []
+        for batch in range(len(shares[0])):
+            parts = [share[batch] for share in shares]
+            sizes = {len(part[1]) for part in parts}
+            assert len(sizes) == 1  # every process feeds the same number of rows
+            for (image_a, image_b), label, *weight in parts:
+                weight = weight[0] if weight else np.ones(len(label), np.float32)
+                assert weight.shape == (len(label),)
+                firsts = np.rint(image_a[:, 0, 0] * 255).astype(int)
+                for first, second, value, kept in zip(
+                    firsts,
+                    np.rint(image_b[:, 0, 0] * 255).astype(int),
+                    label[:, 0],
+                    weight,
+                    strict=True,
+                ):
+                    assert second == (first + 5) % 41 and value == first % 2
+                    if kept:
+                        seen.append(int(first))
+            # The global batch splits evenly over the devices.
+            assert len(parts[0][1]) * process_count % device_count == 0
+        assert sorted(seen) == list(range(41))  # each pair once, weighted 1
+        orders.append(seen)
+        for share in shares:
+            share.on_epoch_end()
+    assert orders[0] != orders[1]  # a new order every epoch, the same in every process
