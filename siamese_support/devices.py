@@ -7,6 +7,7 @@ runs under any Keras backend, without TensorFlow installed.
 
 import collections
 import contextlib
+import json
 import os
 import sys
 
@@ -91,6 +92,40 @@ def set_random_seed(seed):
 
     with quiet_tensorflow_start():
         keras.utils.set_random_seed(seed)
+
+
+def configured_backend():
+    """The Keras backend a process will use, read as Keras reads it, without importing Keras.
+
+    `KERAS_BACKEND` first, then the "backend" of `keras.json` in `KERAS_HOME` (default
+    `~/.keras`), then TensorFlow, Keras's default.
+    """
+    name = os.environ.get("KERAS_BACKEND", "").strip()
+    if name:
+        return name
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as stream:
+            return str(json.load(stream).get("backend") or "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def require_tensorflow_backend(prog):
+    """Exit with one line and code 2 unless Keras will run on TensorFlow.
+
+    For the triplet script, whose tutorial is `tf.data` and `tf.GradientTape`: started
+    under JAX or PyTorch it says so, before anything is imported.
+    """
+    backend = configured_backend()
+    if backend != "tensorflow":
+        print(
+            f"{prog}: error: this script runs on TensorFlow only (its tutorial is tf.data and "
+            f"tf.GradientTape), and KERAS_BACKEND is {backend}: unset it or set it to "
+            "tensorflow (mnist_siamese.py runs under JAX and PyTorch too)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def keras_backend():
