@@ -121,8 +121,8 @@ def require_tensorflow_backend(prog):
     if backend != "tensorflow":
         print(
             f"{prog}: error: this script runs on TensorFlow only (its tutorial is tf.data and "
-            f"tf.GradientTape), and KERAS_BACKEND is {backend}: unset it or set it to "
-            "tensorflow (mnist_siamese.py runs under JAX and PyTorch too)",
+            f"tf.GradientTape), but Keras is set to {backend}: run it with "
+            "KERAS_BACKEND=tensorflow (mnist_siamese.py runs under JAX and PyTorch too)",
             file=sys.stderr,
         )
         sys.exit(2)
