@@ -407,8 +407,9 @@ def real_pairs_dir(tmp_path_factory):
     return real_pairs.make_real_dataset(tmp_path_factory.mktemp("real"), pairs=40, seed=3)
 
 
-@pytest.mark.parametrize("strategy", ["random", "semi-hard", "hard"])
-def test_each_negatives_mode_trains_an_epoch_on_real_images(tmp_path, real_pairs_dir, strategy):
+# `random` trains too, for five epochs, in the last test.
+@pytest.mark.parametrize("strategy", ["semi-hard", "hard"])
+def test_each_mining_mode_trains_an_epoch_on_real_images(tmp_path, real_pairs_dir, strategy):
     arguments = ["--data-dir", str(real_pairs_dir), "--image-size", "32", "--batch-size", "8"]
     arguments += ["--epochs", "1", "--weights", "none", "--no-plots", "--negatives", strategy]
     assert tll.main([*arguments, "--output-dir", str(tmp_path)]) == 0
@@ -419,3 +420,17 @@ def test_each_negatives_mode_trains_an_epoch_on_real_images(tmp_path, real_pairs
     assert len(history) == 2
     loss, val_loss = (float(value) for value in history[1].split(",")[1:3])
     assert np.isfinite(loss) and np.isfinite(val_loss) and val_loss > 0
+
+
+def test_training_on_real_images_raises_triplet_accuracy_on_the_validation_pairs(tmp_path):
+    # The README's real-image set (300 pairs: 240 training, 60 validation) at 96 x 96 for
+    # five epochs with the example's random negatives: measured 0.817 before, 0.883 after
+    # (60 validation triplets, so 4 more right). Smaller sets or images did not learn
+    # reliably from a random trunk (see the README).
+    data_dir = real_pairs.make_real_dataset(tmp_path / "real300", pairs=300, seed=0)
+    arguments = ["--data-dir", str(data_dir), "--image-size", "96", "--batch-size", "16"]
+    arguments += ["--epochs", "5", "--weights", "none", "--no-plots", "--negatives", "random"]
+    assert tll.main([*arguments, "--output-dir", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["validation_pairs"] == 60 and metrics["negatives"] == "random"
+    assert metrics["triplet_accuracy"] > metrics["triplet_accuracy_before"], metrics
