@@ -77,7 +77,7 @@ with devices.quiet_tensorflow_start():
     from keras import layers, ops
     from keras.applications import resnet
 
-from siamese_support import plots, run_folder, stores  # noqa: E402
+from siamese_support import mining, plots, run_folder, stores  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like"
 DRY_RUN_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like_dry_run"
@@ -85,12 +85,11 @@ DRY_RUN_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like_dry_run"
 OUTPUT_FILES = ("metrics.json", "embedding.keras", "history.csv", "history-progress.csv")
 OUTPUT_FILES += ("split.json", "settings.json", "similarities.csv", "triplets.png", "loss.png")
 OUTPUT_FILES += ("distances.png", "retrieval.png")
-# The settings metrics.json records, and those a resumed run must keep: they give the saved
-# training state its meaning (--epochs, --jit-compile and --distribute may change).
-RUN_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate", "weights", "seed")
-RUN_SETTINGS += ("cache_features", "mixed_precision", "jit_compile", "replicas", "dry_run")
+# The settings a resumed run must keep (they give the saved training state its meaning;
+# --epochs, --jit-compile and --distribute may change), and all that metrics.json records.
 RESUMED_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate", "weights")
-RESUMED_SETTINGS += ("cache_features", "mixed_precision")
+RESUMED_SETTINGS += ("negatives", "cache_features", "mixed_precision")
+RUN_SETTINGS = RESUMED_SETTINGS + ("seed", "jit_compile", "replicas", "dry_run")
 
 # --- Load the dataset ---------------------------------------------------------------------
 
@@ -277,19 +276,6 @@ class ResNetPreprocessing(layers.Layer):
         return input_shape
 
 
-def load_resnet50(weights="imagenet", input_shape=target_shape + (3,)):
-    """ResNet50 without its classification top, with the weights `--weights` names.
-
-    `weights` is "imagenet" (Keras downloads them once, checked against their hash), None
-    (random initialisation) or the path of a local `.h5` / `.weights.h5` file of
-    `ResNet50(include_top=False)` weights, for offline use. The example always downloads;
-    here a failed download or a file that does not fit is one clear error.
-    """
-    weights = downloads.weights_choice(weights, "ResNet50")
-    with downloads.weights_errors(weights, "ResNet50", include_top=False):
-        return resnet.ResNet50(weights=weights, input_shape=input_shape, include_top=False)
-
-
 def set_trainable_layers(base_cnn, first_trainable=first_trainable_layer):
     """Freeze every layer of `base_cnn` before `first_trainable`; train it and the rest.
 
@@ -312,10 +298,13 @@ def build_embedding_network(image_size=target_shape, weights="imagenet"):
     BatchNorm -> Dense(256, relu) -> BatchNorm -> Dense(256). The example applies
     `resnet.preprocess_input` in the Siamese network; here it is the embedding model's
     first layer, so the saved model takes plain images. `stores.split_at_layer` cuts it
-    into the frozen trunk and the trainable tail (see `main`).
+    into the frozen trunk and the trainable tail (see `main`). `weights` is "imagenet", None
+    or a local weights file; a failed download or a file that does not fit is one clear error.
     """
     input_shape = tuple(image_size) + (3,)
-    base_cnn = load_resnet50(weights, input_shape)
+    weights = downloads.weights_choice(weights, "ResNet50")
+    with downloads.weights_errors(weights, "ResNet50", include_top=False):
+        base_cnn = resnet.ResNet50(weights=weights, input_shape=input_shape, include_top=False)
     set_trainable_layers(base_cnn)
 
     inputs = keras.Input(shape=input_shape, name="image")
@@ -381,13 +370,18 @@ class SiameseModel(keras.Model):
     The example's `_compute_loss` is `_compute_triplet_loss` here: Keras 3 models have a
     method of the example's name that this one would shadow. The loss is the mean over the
     batch (the example differentiates the per-triplet vector, i.e. its sum: with Adam the
-    difference is only a constant factor on the gradient).
+    difference is only a constant factor on the gradient). With `negatives` "semi-hard" or
+    "hard", `train_step` chooses each anchor's negative in the batch (`--negatives`).
     """
 
-    def __init__(self, siamese_network, margin=margin, **kwargs):
+    def __init__(self, siamese_network, margin=margin, negatives="random", **kwargs):
         super().__init__(**kwargs)
         self.siamese_network = siamese_network
         self.margin = margin
+        self.negatives = mining.checked_strategy(negatives)
+        # The Siamese network's shared embedding network and distance layer, for mining.
+        self.embedding = next(x for x in siamese_network.layers if isinstance(x, keras.Model))
+        self.distance_layer = siamese_network.get_layer("distances")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Its one layer, the functional network, is built already. BackupAndRestore
         # refuses a model that does not say so.
@@ -400,7 +394,10 @@ class SiameseModel(keras.Model):
     def train_step(self, data):
         # GradientTape records the forward pass, to differentiate the loss afterwards.
         with tf.GradientTape() as tape:
-            loss = self._compute_triplet_loss(data, training=True)
+            if self.negatives == "random":  # the example: the dataset's random negatives
+                loss = self._compute_triplet_loss(data, training=True)
+            else:
+                loss = self._compute_mined_triplet_loss(data)
             # Under tf.distribute each replica has a slice of the batch and the gradients
             # are summed over replicas: dividing each replica's mean by their number makes
             # the sum the gradient of the mean over the global batch.
@@ -426,6 +423,19 @@ class SiameseModel(keras.Model):
         ap_distance = ops.cast(ap_distance, "float32")
         an_distance = ops.cast(an_distance, "float32")
         return ops.mean(triplet_loss(ap_distance, an_distance, self.margin))
+
+    def _compute_mined_triplet_loss(self, data):
+        # Mined online, as in FaceNet: each anchor's negative is an image of another pair of
+        # this batch, chosen on this step's embeddings; the dataset's random one is not used.
+        # Under tf.distribute, each replica mines in its own share of the batch.
+        anchor, positive, _ = data
+        anchor = self.embedding(anchor, training=True)
+        positive = self.embedding(positive, training=True)
+        negative, found = mining.mine_negatives(anchor, positive, self.negatives)
+        ap_distance, an_distance = self.distance_layer(anchor, positive, negative)
+        losses = triplet_loss(ap_distance, an_distance, self.margin)
+        # A pair alone in its (last, short) batch has no negative there: it costs nothing.
+        return ops.mean(ops.where(found, losses, 0.0))
 
     @property
     def metrics(self):
@@ -482,11 +492,8 @@ def main(argv=None):
             data_dir, args.limit, decode_image
         )
         train_pairs, val_pairs = split_pairs(len(anchor_images), args.validation_split, args.seed)
-        if args.batch_size > len(train_pairs):
-            raise ValueError(
-                f"--batch-size {args.batch_size} is larger than the {len(train_pairs)} "
-                "training pairs; lower --batch-size or use more pairs"
-            )
+        replicas = strategy.num_replicas_in_sync
+        mining.check_batch_size(args.batch_size, len(train_pairs), args.negatives, replicas)
         train_anchors, train_positives, val_anchors, val_positives = (
             [images[i] for i in indices]
             for indices in (train_pairs, val_pairs)
@@ -499,12 +506,8 @@ def main(argv=None):
         )
         run.enter_context(devices.mixed_precision_policy(args.mixed_precision))
         # A resumed run must train on the same split, with the same settings.
-        split = {"train": train_anchors, "validation": val_anchors}
-        split = {side: [os.path.basename(name) for name in names] for side, names in split.items()}
-        changed = "the pairs or their split differ from those of the interrupted run in "
-        changed += f"{output_dir} (data, --limit, --validation-split or --seed changed)"
-        run_folder.check_same_as_interrupted_run(output_dir, "split.json", split, lambda _: changed)
-        args.replicas = strategy.num_replicas_in_sync
+        run_folder.check_same_split(output_dir, train_anchors, val_anchors)
+        args.replicas = replicas
         settings = {name: getattr(args, name) for name in RUN_SETTINGS}
         run_folder.check_same_settings(output_dir, {k: settings[k] for k in RESUMED_SETTINGS})
         if not args.no_plots:
@@ -535,7 +538,7 @@ def main(argv=None):
             val_dataset = stores.make_store_dataset(val_store, val_triplets, args.batch_size)
 
             siamese_network = build_siamese_network(network)
-            siamese_model = SiameseModel(siamese_network, margin=args.margin)
+            siamese_model = SiameseModel(siamese_network, args.margin, args.negatives)
             before = evaluate_embeddings(network, val_store, val_negatives, args.batch_size)
             # Training, as in the example: Adam, fit, the validation triplets each epoch.
             jit = "auto" if args.jit_compile is None else args.jit_compile  # XLA: Keras decides
@@ -586,12 +589,8 @@ def main(argv=None):
                 **settings,
             },
         )
-        print(
-            f"Saved the embedding model, history, metrics and plots in {output_dir}\n"
-            f"* Triplet accuracy: {before['triplet_accuracy']:.3f} before training, "
-            f"{after['triplet_accuracy']:.3f} after\n* Recall@1: "
-            f"{before['recall_at_1']:.3f} before training, {after['recall_at_1']:.3f} after"
-        )
+        print(f"Saved the embedding model, history, metrics and plots in {output_dir}")
+        print(evaluation.summary_lines(before, after))
     return status.code
 
 

@@ -18,8 +18,12 @@ tutorial. The scripts import it; it never imports a script. Modules:
 - `image_folders`: the `left/` and `right/` folders of an image-pair dataset, checked.
 - `stores`: decoded images and frozen-trunk features, computed once per run.
 - `synthetic`: generated image pairs for offline runs and tests.
+- `real_pairs`: real-image pairs (MNIST digits) in the Totally Looks Like layout, for offline
+  checks on real images.
+- `mining`: semi-hard and hard negatives chosen within a batch, for the triplet training step.
 
 `command_line` imports nothing heavy, so that the command line answers before TensorFlow's
 import. `stores` imports TensorFlow when it is imported; `devices`, `pipelines`,
-`image_folders` and `synthetic` only inside the functions that need it.
+`image_folders`, `synthetic` and `real_pairs` only inside the functions that need it;
+`mining` imports Keras.
 """

@@ -13,6 +13,10 @@ import signal
 import sys
 import threading
 
+# `--negatives` of the triplet script: the tutorial's random negatives, or negatives mined in
+# each batch by `siamese_support.mining` (named here, where no import of Keras is needed).
+NEGATIVES_CHOICES = ("random", "semi-hard", "hard")
+
 
 class DownloadError(RuntimeError):
     """A download failed: no network, or the server did not deliver the file."""
@@ -365,6 +369,15 @@ def triplet_parser(defaults):
         type=positive_int,
         metavar="N",
         help="use only the first N pairs (sorted by name)",
+    )
+    parser.add_argument(
+        "--negatives",
+        choices=NEGATIVES_CHOICES,
+        default="random",
+        help="random: one random image of another pair per anchor, as the example draws "
+        "them; semi-hard: the closest image of another pair in the batch that is farther "
+        "from the anchor than its positive (FaceNet); hard: the closest image of another "
+        "pair in the batch (default random)",
     )
     # --resume and --overwrite come last in this script's --help, as they always have.
     add_output_options(

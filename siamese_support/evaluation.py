@@ -183,6 +183,15 @@ def triplet_metrics(before, after):
     }
 
 
+def summary_lines(before, after):
+    """The last lines a triplet run prints: triplet accuracy and recall@1, before and after."""
+    return (
+        f"* Triplet accuracy: {before['triplet_accuracy']:.3f} before training, "
+        f"{after['triplet_accuracy']:.3f} after\n* Recall@1: "
+        f"{before['recall_at_1']:.3f} before training, {after['recall_at_1']:.3f} after"
+    )
+
+
 def similarity_rows(anchor_images, positive_images, negative_indices, data_dir, result):
     """One row per triplet of `evaluate_triplets`' `result`, for a CSV file.
 

@@ -157,6 +157,18 @@ def check_same_as_interrupted_run(output_dir, name, record, describe_difference)
     write_json(record, path)
 
 
+def check_same_split(output_dir, train_files, validation_files):
+    """Refuse to resume on other pairs or another split than the interrupted run's.
+
+    The split is recorded by file name in `split.json` (`train` and `validation`).
+    """
+    split = {"train": train_files, "validation": validation_files}
+    split = {side: [os.path.basename(name) for name in names] for side, names in split.items()}
+    changed = "the pairs or their split differ from those of the interrupted run in "
+    changed += f"{output_dir} (data, --limit, --validation-split or --seed changed)"
+    check_same_as_interrupted_run(output_dir, "split.json", split, lambda _: changed)
+
+
 def check_same_settings(output_dir, settings):
     """Refuse to resume with settings other than the interrupted run's `settings.json`.
 

@@ -272,6 +272,14 @@ BAD_INPUT_CASES = {
         ["--data-dir", "{good}", "--batch-size", "33"],
         ["--batch-size 33 is larger than the 32 training pairs"],
     ),
+    "negatives_unknown": (
+        ["--negatives", "hardest"],
+        ["argument --negatives: invalid choice: 'hardest'"],
+    ),
+    "mining_in_batches_of_one_pair": (
+        ["--data-dir", "{good}", "--negatives", "semi-hard", "--batch-size", "1"],
+        ["--negatives semi-hard chooses", "--batch-size must be at least 2, got 1"],
+    ),
     "limit_leaves_too_few": (
         ["--data-dir", "{good}", "--limit", "4"],
         ["leave 3 training and 1 validation pairs", "at least 2"],

@@ -489,7 +489,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     source = resnet.ResNet50(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
     path = tmp_path / "resnet50_notop.weights.h5"
     source.save_weights(path)
-    loaded = tll.load_resnet50(str(path), (SIZE, SIZE, 3))
+    loaded = tll.build_embedding_network((SIZE, SIZE), str(path)).get_layer("resnet50")
     for expected, actual in zip(source.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(expected.numpy(), actual.numpy())
 
@@ -500,9 +500,9 @@ def test_incompatible_or_missing_weights_file_raise_value_error(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     for name in ("other.weights.h5", "junk.h5"):
         with pytest.raises(ValueError, match="cannot load it into ResNet50"):
-            tll.load_resnet50(str(tmp_path / name), (SIZE, SIZE, 3))
+            tll.build_embedding_network((SIZE, SIZE), str(tmp_path / name))
     with pytest.raises(ValueError, match="no such file"):
-        tll.load_resnet50(str(tmp_path / "missing.h5"), (SIZE, SIZE, 3))
+        tll.build_embedding_network((SIZE, SIZE), str(tmp_path / "missing.h5"))
 
 
 def test_imagenet_download_failure_raises_download_error(monkeypatch):
@@ -513,7 +513,7 @@ def test_imagenet_download_failure_raises_download_error(monkeypatch):
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(command_line.DownloadError, match="--weights none"):
-        tll.load_resnet50("imagenet", (SIZE, SIZE, 3))
+        tll.build_embedding_network((SIZE, SIZE), "imagenet")
 
 
 # ---------------------------------------------------------------------------
