@@ -71,6 +71,7 @@ if __name__ == "__main__":
     # --help and mistakes answer here, before Keras imports TensorFlow (about 5 s).
     command_line.triplet_parser(PARSER_DEFAULTS).parse_args()
 
+devices.require_tensorflow_backend("triplet_totally_looks_like.py")  # tf.data, GradientTape
 with devices.quiet_tensorflow_start():
     import keras
     import tensorflow as tf

@@ -239,3 +239,17 @@ def test_multi_process_names_a_missing_or_malformed_variable(
     result = run(["--dry-run", "--distribute", "multi-process"], tmp_path, "jax", monkeypatch)
     assert_one_line_error(result, hint)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_the_triplet_script_says_it_needs_tensorflow(backend, tmp_path, monkeypatch):
+    # Its tutorial is tf.data and tf.GradientTape: under another backend it says so in one
+    # line, before importing anything (so also where TensorFlow is not installed).
+    monkeypatch.setenv("KERAS_BACKEND", backend)
+    triplet_script = REPOSITORY / "triplet_totally_looks_like.py"
+    result = helpers.finish(helpers.start(triplet_script, ["--dry-run"], tmp_path), 120)
+    assert result.returncode == 2, describe(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("triplet_totally_looks_like.py: error: "), lines
+    assert "TensorFlow only" in lines[0] and f"set to {backend}" in lines[0], lines
+    assert result.stdout == "" and not (tmp_path / "runs").exists()
