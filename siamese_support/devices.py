@@ -244,7 +244,14 @@ def choose_placement(distribute, batch_size):
     if distribute == "multi-process":
         # CPUs have no collectives of their own; gloo is what JAX offers for them.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        keras.distribution.initialize()
+        try:
+            keras.distribution.initialize()
+        except Exception as error:  # JAX gives up on the others after its own timeout
+            coordinator = os.environ["KERAS_DISTRIBUTION_JOB_ADDRESSES"].split(",")[0]
+            raise ValueError(
+                f"process {index} of {count} could not join the run at {coordinator} "
+                f"({str(error).strip().splitlines()[0] if str(error).strip() else error!r})"
+            ) from None
         _processes_started.append(count)
     device = jax.devices()[0].platform.upper()
     devices = keras.distribution.list_devices()
