@@ -335,8 +335,9 @@ def main(argv=None):
             model, base_network = create_siamese_network(x_train.shape[1:], args.network)
 
         # Train. The training images are held once, as one tensor under TensorFlow (memory).
-        x_train = tf.convert_to_tensor(x_train) if devices.tensorflow_backend() else x_train
-        place = placement[2:]  # this process's share of each batch (multi-process runs)
+        if keras.backend.backend() == "tensorflow":
+            x_train = tf.convert_to_tensor(x_train)
+        place = placement.share  # this process's part of each batch (several devices)
         tr_dataset = make_pair_dataset(x_train, tr_pairs, tr_y, pair_batch_size, args.seed, place)
         # Validation batches are larger: the size does not change what validation measures,
         # and a pass over the test pairs took 0.09 s in batches of 1,024 against 0.12 s.

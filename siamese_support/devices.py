@@ -73,12 +73,19 @@ def choose_strategy(name):
     return strategy, f"Device: {device}, MirroredStrategy over {replicas} replicas"
 
 
-Placement = collections.namedtuple(
-    "Placement", ["scope", "line", "process_index", "process_count", "device_count"]
-)
-Placement.__doc__ = """Where the MNIST script trains: `scope()` to build and fit in, the first
-output line, this process's place among the processes of a multi-process run, and the number
-of devices each batch is spread over by Keras's `DataParallel` (1 otherwise)."""
+class Placement(
+    collections.namedtuple(
+        "Placement", ["scope", "line", "process_index", "process_count", "device_count"]
+    )
+):
+    """Where the MNIST script trains: `scope()` to build and fit in, the first output line,
+    this process's place among the processes of a multi-process run, and the number of
+    devices each batch is spread over by Keras's `DataParallel` (1 otherwise)."""
+
+    @property
+    def share(self):
+        """`(process_index, process_count, device_count)`: which part of each batch to feed."""
+        return self.process_index, self.process_count, self.device_count
 
 
 def set_random_seed(seed):
@@ -135,11 +142,6 @@ def keras_backend():
     return keras.backend.backend()
 
 
-def tensorflow_backend():
-    """Whether Keras runs on TensorFlow."""
-    return keras_backend() == "tensorflow"
-
-
 def steps_per_call(steps):
     """`steps`, or 1 where Keras cannot run several steps per call.
 
@@ -166,8 +168,7 @@ def process_place(distribute):
     """
     if distribute != "multi-process":
         return 0, 1
-    if keras_backend() != "jax":
-        choose_placement(distribute, 1)  # raises: the backend cannot run several processes
+    refuse_unsupported(distribute, keras_backend())
     values = {}
     for name in CLUSTER_VARIABLES:
         values[name] = os.environ.get(name, "").strip()
@@ -203,6 +204,24 @@ def process_place(distribute):
     return index, count
 
 
+def refuse_unsupported(distribute, backend):
+    """A `ValueError` when `backend` cannot honour `--distribute distribute`."""
+    if distribute == "multi-process" and backend == "tensorflow":
+        raise ValueError(
+            "--distribute multi-process needs KERAS_BACKEND=jax: Keras 3's fit() fails "
+            f"under TensorFlow's MultiWorkerMirroredStrategy ({MULTI_WORKER_ISSUE})"
+        )
+    if distribute == "multi-process" and backend != "jax":
+        raise ValueError(
+            f"--distribute multi-process needs KERAS_BACKEND=jax (the backend is {backend})"
+        )
+    if distribute == "mirrored" and backend != "tensorflow":
+        raise ValueError(
+            f"--distribute mirrored is TensorFlow's MirroredStrategy: it needs "
+            f"KERAS_BACKEND=tensorflow (the backend is {backend})"
+        )
+
+
 def choose_placement(distribute, batch_size):
     """Where the MNIST script trains, on whichever Keras backend runs: a `Placement`.
 
@@ -215,24 +234,11 @@ def choose_placement(distribute, batch_size):
     import keras
 
     backend = keras.backend.backend()
+    refuse_unsupported(distribute, backend)
     if backend == "tensorflow":
-        if distribute == "multi-process":
-            raise ValueError(
-                "--distribute multi-process needs KERAS_BACKEND=jax: Keras 3's fit() fails "
-                f"under TensorFlow's MultiWorkerMirroredStrategy ({MULTI_WORKER_ISSUE})"
-            )
         strategy, line = choose_strategy(distribute)
         return Placement(strategy.scope, f"Backend: tensorflow. {line}", 0, 1, 1)
-    if distribute == "mirrored":
-        raise ValueError(
-            f"--distribute mirrored is TensorFlow's MirroredStrategy: it needs "
-            f"KERAS_BACKEND=tensorflow (the backend is {backend})"
-        )
     if backend != "jax":
-        if distribute == "multi-process":
-            raise ValueError(
-                f"--distribute multi-process needs KERAS_BACKEND=jax (the backend is {backend})"
-            )
         import torch
 
         device = "GPU" if torch.cuda.is_available() else "CPU"

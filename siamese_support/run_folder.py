@@ -290,11 +290,16 @@ def training_callbacks(output_dir):
     ]
 
 
+def resumable(output_dir):
+    """Whether `output_dir` holds the backup of at least one finished epoch."""
+    return (pathlib.Path(output_dir) / "backup" / "training_metadata.json").exists()
+
+
 def interrupted_message(output_dir, interrupt=None):
     """What Ctrl-C (or SIGTERM, `interrupt` being `Terminated`) leaves, and how to go on."""
     word = "terminated" if isinstance(interrupt, command_line.Terminated) else "interrupted"
     backup = pathlib.Path(output_dir) / "backup"
-    if (backup / "training_metadata.json").exists():
+    if resumable(output_dir):
         return (
             f"{word}: finished epochs are backed up in {backup}; run the same "
             "command with --resume to continue"
@@ -305,7 +310,7 @@ def interrupted_message(output_dir, interrupt=None):
 def lost_process_message(output_dir, error):
     """What a multi-process run says when another of its processes died, and how to go on."""
     said = f"stopped: another process of this run stopped ({command_line.one_line(error)})"
-    if (pathlib.Path(output_dir) / "backup" / "training_metadata.json").exists():
+    if resumable(output_dir):
         return f"{said}; start every process again with --resume to continue"
     return f"{said} before the first epoch finished; nothing to resume"
 
@@ -423,7 +428,7 @@ def explain_write_error(error, output_dir):
         remedy = f"make {output_dir} writable (or choose another --output-dir)"
     else:
         remedy = "check the disk"
-    if (pathlib.Path(output_dir) / "backup" / "training_metadata.json").exists():
+    if resumable(output_dir):
         then = "then run the same command with --resume to continue from the last finished epoch"
     else:
         then = "then run the command again"

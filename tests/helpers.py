@@ -45,3 +45,19 @@ def finish(process, timeout=300):
         process.communicate()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def describe(result, tail=3000):
+    """A finished process's exit code, the end of its stdout and its stderr, for a failure."""
+    return f"exit {result.returncode}\nstdout:\n{result.stdout[-tail:]}\nstderr:\n{result.stderr}"
+
+
+def assert_one_line_error(result, prog, *hints):
+    """Exit code 2, no traceback, one stderr line `PROG: error: ...` naming every hint."""
+    assert result.returncode == 2, describe(result)
+    assert "Traceback" not in result.stderr, describe(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, describe(result)
+    assert lines[0].startswith(f"{prog}: error: "), describe(result)
+    for hint in hints:
+        assert hint in lines[0], (hint, lines[0])

@@ -58,16 +58,11 @@ def run(args, cwd, backend, monkeypatch, timeout=300, without_tensorflow=False):
     return helpers.finish(helpers.start(SCRIPT, args, cwd, code), timeout)
 
 
-def describe(result):
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr}"
+describe = helpers.describe
 
 
 def assert_one_line_error(result, *hints):
-    assert result.returncode == 2, describe(result)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{PROG}: error: "), describe(result)
-    for hint in hints:
-        assert hint in lines[0], (hint, lines[0])
+    helpers.assert_one_line_error(result, PROG, *hints)
 
 
 SMALL_RUN = [

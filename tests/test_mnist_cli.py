@@ -53,19 +53,12 @@ def run_script(args, cwd, python_code=None, timeout=300):
     return finish(start_script(args, cwd, python_code), timeout)
 
 
-def describe(result):
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr}"
+describe = helpers.describe
 
 
 def assert_one_line_error(result, *hints):
     """Exit code 2, one non-empty stderr line naming the program and every hint."""
-    assert result.returncode == 2, describe(result)
-    assert "Traceback" not in result.stderr, describe(result)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, describe(result)
-    assert lines[0].startswith(f"{PROG}: error: "), describe(result)
-    for hint in hints:
-        assert hint in lines[0], (hint, lines[0])
+    helpers.assert_one_line_error(result, PROG, *hints)
 
 
 def read_history(output_dir):

@@ -34,8 +34,7 @@ def read_history(output_dir):
         return list(csv.DictReader(stream))
 
 
-def describe(result):
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr}"
+describe = helpers.describe
 
 
 def launch(count, args, cwd):

@@ -45,8 +45,7 @@ def run(script, args, cwd, python_code=None, timeout=300):
     return finish(start(script, args, cwd, python_code), timeout)
 
 
-def describe(result):
-    return f"exit {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr}"
+describe = helpers.describe
 
 
 def one_error_line(result, code=2):

@@ -211,15 +211,6 @@ def test_the_training_step_uses_the_datasets_negatives_only_when_random():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def mixed_precision():
-    """Train under the mixed_float16 policy, and restore the previous policy afterwards."""
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_global_policy(previous)
-
-
 @pytest.mark.parametrize("strategy", ["semi-hard", "hard"])
 def test_mining_under_mixed_precision_chooses_in_float32_and_trains(mixed_precision, strategy):
     model = _dense_siamese_model(strategy)

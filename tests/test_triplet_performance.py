@@ -45,15 +45,6 @@ def image_files(pairs_dir):
     return anchors + positives
 
 
-@pytest.fixture()
-def mixed_precision():
-    """Train under the mixed_float16 policy, and restore the previous policy afterwards."""
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    yield
-    keras.mixed_precision.set_global_policy(previous)
-
-
 # ---------------------------------------------------------------------------
 # Stores: decode once, in memory or on disk
 # ---------------------------------------------------------------------------
