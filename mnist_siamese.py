@@ -39,7 +39,7 @@ DEFAULTS = (epochs, batch_size, dry_run_batch_size, margin, learning_rate, seed)
 
 if __name__ == "__main__":
     # --help and mistakes answer here, before Keras imports TensorFlow (about 5 s).
-    command_line.mnist_parser(*DEFAULTS).parse_args()
+    command_line.parse_mnist_command(None, DEFAULTS)
 
 with devices.quiet_tensorflow_start():
     import keras
@@ -49,7 +49,14 @@ with devices.quiet_tensorflow_start():
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-from siamese_support import evaluation, mnist_data, pipelines, plots, run_folder  # noqa: E402
+from siamese_support import (  # noqa: E402
+    evaluation,
+    mnist_data,
+    pipelines,
+    plots,
+    run_folder,
+    trained_model,
+)
 
 DRY_RUN_DATA = pathlib.Path(__file__).resolve().parent / "data" / "mnist-tiny.npz"
 DEFAULT_OUTPUT_DIR = pathlib.Path("runs") / "mnist_siamese"
@@ -177,24 +184,7 @@ def make_pair_dataset(images, pairs, labels=None, batch_size=batch_size, seed=No
     """
     if keras.backend.backend() != "tensorflow":
         return pipelines.PairBatches(images, pairs, labels, batch_size, seed, *place)
-    image_table = tf.convert_to_tensor(images)
-    pair_table = tf.convert_to_tensor(pairs)
-    label_table = None if labels is None else tf.convert_to_tensor(labels)
-    if seed is None:
-        batches = tf.data.Dataset.range(len(pairs)).batch(batch_size)
-    else:
-        batches = pipelines.shuffled_index_batches(len(pairs), batch_size, seed)
-
-    def gather_pairs(indices):
-        batch_pairs = tf.gather(pair_table, indices)
-        pair_images = tf.cast(tf.gather(image_table, batch_pairs), tf.float32) / 255.0
-        inputs = (pair_images[:, 0], pair_images[:, 1])
-        if label_table is None:
-            return (inputs,)
-        return inputs, tf.gather(label_table, indices)[:, None]
-
-    dataset = batches.map(gather_pairs, num_parallel_calls=tf.data.AUTOTUNE)
-    return pipelines.without_autotuning(dataset.prefetch(tf.data.AUTOTUNE))
+    return pipelines.pair_dataset(images, pairs, labels, batch_size, seed)
 
 
 def create_base_network(input_shape):
@@ -295,8 +285,10 @@ def predict_distances(base_network, images, pairs):
 
 def main(argv=None):
     """Run the example from the command line; return the process's exit code."""
-    parser = command_line.mnist_parser(*DEFAULTS)
-    args = parser.parse_args(argv)
+    prog, args = command_line.parse_mnist_command(argv, DEFAULTS)
+    if args.command == "compare":  # use a trained model (see `compare --help`)
+        inputs = (args.images, args.pairs, args.run_dir, args.output, euclidean_distance)
+        return trained_model.compare_digits(*inputs, distance_threshold)
     if args.dry_run:
         args.epochs, args.data = 1, args.data or DRY_RUN_DATA
     pair_batch_size = args.batch_size or (dry_run_batch_size if args.dry_run else batch_size)
@@ -305,7 +297,7 @@ def main(argv=None):
     # --distribute multi-process, process 0 writes the run folder and each other process
     # keeps only its resume state, in a folder of its own inside it.
     with (
-        command_line.one_line_errors(parser.prog) as status,
+        command_line.one_line_errors(prog) as status,
         run_folder.exclusive_use(output_dir, devices.process_place(args.distribute)) as output_dir,
     ):
         intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)

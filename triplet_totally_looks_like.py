@@ -65,11 +65,12 @@ PARSER_DEFAULTS = {
     "seed": seed,
     "dry_run_pairs": dry_run_pairs,
     "dry_run_image_size": dry_run_image_size,
+    "dry_run_epochs": dry_run_epochs,
 }
 
 if __name__ == "__main__":
     # --help and mistakes answer here, before Keras imports TensorFlow (about 5 s).
-    command_line.triplet_parser(PARSER_DEFAULTS).parse_args()
+    command_line.parse_triplet_command(None, PARSER_DEFAULTS)
 
 devices.require_tensorflow_backend("triplet_totally_looks_like.py")  # tf.data, GradientTape
 with devices.quiet_tensorflow_start():
@@ -78,7 +79,7 @@ with devices.quiet_tensorflow_start():
     from keras import layers, ops
     from keras.applications import resnet
 
-from siamese_support import mining, plots, run_folder, stores  # noqa: E402
+from siamese_support import gallery, mining, plots, run_folder, stores  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like"
 DRY_RUN_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like_dry_run"
@@ -461,18 +462,18 @@ def evaluate_embeddings(network, val_store, val_negatives, batch_size=batch_size
 
 def main(argv=None):
     """Run the example from the command line; return the process's exit code."""
-    parser = command_line.triplet_parser(PARSER_DEFAULTS)
-    args = parser.parse_args(argv)
-    dry = args.dry_run  # --dry-run sets the defaults of the flags not given
-    args.epochs = args.epochs or (dry_run_epochs if dry else epochs)
-    args.image_size = args.image_size or (dry_run_image_size if dry else target_shape[0])
-    args.weights = args.weights or ("none" if dry else "imagenet")
-    output_dir = args.output_dir or (DRY_RUN_OUTPUT_DIR if dry else DEFAULT_OUTPUT_DIR)
+    prog, args = command_line.parse_triplet_command(argv, PARSER_DEFAULTS)
+    if args.command == "compare":  # use a trained model (see `compare --help`)
+        return gallery.compare_images(args.images, args.run_dir, preprocess_image)
+    if args.command == "search":  # (see `search --help`)
+        inputs = (args.query, args.gallery, args.k, args.run_dir, args.output, args.batch_size)
+        return gallery.search_gallery(*inputs, preprocess_image, decode_image)
+    output_dir = args.output_dir or (DRY_RUN_OUTPUT_DIR if args.dry_run else DEFAULT_OUTPUT_DIR)
     if args.mixed_precision is None:  # on with a GPU
         args.mixed_precision = devices.gpu_visible()
     image_size = (args.image_size, args.image_size)
     with (
-        command_line.one_line_errors(parser.prog) as status,
+        command_line.one_line_errors(prog) as status,
         run_folder.exclusive_use(output_dir),  # one run per folder; says how to resume
         contextlib.ExitStack() as run,
     ):
@@ -483,7 +484,7 @@ def main(argv=None):
 
         # Load the dataset: the folder given, generated pairs for a dry run, or the download.
         data_dir = args.data_dir
-        if data_dir is None and dry:
+        if data_dir is None and args.dry_run:
             data_dir = run.enter_context(tempfile.TemporaryDirectory())
             synthetic.make_synthetic_dataset(data_dir, dry_run_pairs, seed=args.seed)
         data_dir = data_dir or downloads.download_dataset(cache_dir, google_drive_ids)
@@ -503,7 +504,7 @@ def main(argv=None):
         val_negatives = choose_negatives(len(val_anchors), args.seed)
         print(f"{len(train_pairs)} training pairs, {len(val_pairs)} validation pairs", flush=True)
         output_dir = run_folder.prepare_output_dir(
-            output_dir, args.resume, args.overwrite, dry, outputs=OUTPUT_FILES
+            output_dir, args.resume, args.overwrite, args.dry_run, outputs=OUTPUT_FILES
         )
         run.enter_context(devices.mixed_precision_policy(args.mixed_precision))
         # A resumed run must train on the same split, with the same settings.

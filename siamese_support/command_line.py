@@ -206,6 +206,8 @@ def mnist_parser(epochs, batch_size, dry_run_batch_size, margin, learning_rate, 
     parser = ArgumentParser(
         prog="mnist_siamese.py",
         description="Train a Siamese network with a contrastive loss on MNIST pairs.",
+        epilog="With a trained model: mnist_siamese.py compare IMAGE_A IMAGE_B (see "
+        "mnist_siamese.py compare --help).",
     )
     parser.add_argument(
         "--epochs", type=positive_int, default=epochs, help=f"epochs (default {epochs})"
@@ -296,11 +298,13 @@ def triplet_parser(defaults):
 
     `defaults` maps names to the script's values: `epochs`, `batch_size`, `margin`,
     `learning_rate`, `image_size`, `minimum_image_size`, `validation_split`, `seed`,
-    `dry_run_pairs`, `dry_run_image_size`.
+    `dry_run_pairs`, `dry_run_image_size`, `dry_run_epochs`.
     """
     parser = ArgumentParser(
         prog="triplet_totally_looks_like.py",
         description="Train a Siamese network with a triplet loss on Totally Looks Like.",
+        epilog="With a trained model: triplet_totally_looks_like.py search QUERY --gallery DIR, "
+        "or compare IMAGE_A IMAGE_B (see their --help).",
     )
     parser.add_argument(
         "--data-dir",
@@ -416,3 +420,139 @@ def triplet_parser(defaults):
     )
     add_resume_options(parser)
     return parser
+
+
+def split_command(argv, commands):
+    """`(command, rest)`: the first argument when it is one of `commands`, else `(None, argv)`.
+
+    A script's bare command line trains, as the tutorial does; `compare` and `search` use
+    what a run trained. `argv` None reads the process's arguments.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in commands:
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def add_run_dir_option(parser, default_dir, dry_run_dir):
+    """`--run-dir`: the finished run whose model a `compare` or `search` uses."""
+    parser.add_argument(
+        "--run-dir",
+        type=pathlib.Path,
+        metavar="DIR",
+        default=pathlib.Path(default_dir),
+        help=f"the training run's output folder (default {default_dir}; a --dry-run's "
+        f"is {dry_run_dir})",
+    )
+
+
+def parse_mnist_command(argv, defaults):
+    """The command line of `mnist_siamese.py`: training, or `compare`. Returns `(prog, args)`.
+
+    `defaults` are `mnist_parser`'s; `args.command` is None for training.
+    """
+    command, rest = split_command(argv, ("compare",))
+    if command is None:
+        parser = mnist_parser(*defaults)
+        parser.set_defaults(command=None)
+        return parser.prog, parser.parse_args(rest)
+    parser = ArgumentParser(
+        prog="mnist_siamese.py compare",
+        description="Compare two images of digits with a trained run's embedding network: "
+        "their distance, and whether it calls them the same digit at the run's best "
+        "threshold and at the example's 0.5. Images of any size, colour or grey, are read "
+        "as MNIST's digits are: grey, 28 x 28, light on dark (a dark digit on a light ground "
+        "is inverted).",
+    )
+    parser.add_argument("images", nargs="*", type=pathlib.Path, metavar="IMAGE", help="two images")
+    parser.add_argument(
+        "--pairs",
+        type=pathlib.Path,
+        metavar="CSV",
+        help="compare many pairs instead: a CSV of two image paths a row (relative to the "
+        "CSV's folder; a header row is allowed)",
+    )
+    parser.add_argument(
+        "--output",
+        type=pathlib.Path,
+        metavar="CSV",
+        help="with --pairs: where the distances and verdicts go (default "
+        "RUN_DIR/compared-pairs.csv)",
+    )
+    add_run_dir_option(parser, "runs/mnist_siamese", "runs/mnist_siamese_dry_run")
+    args = parser.parse_args(rest)
+    if not (len(args.images) == 2 if args.pairs is None else not args.images):
+        parser.error("give two images, or --pairs CSV and no image")
+    if args.output is not None and args.pairs is None:
+        parser.error("--output goes with --pairs")
+    args.command = command
+    return parser.prog, args
+
+
+def parse_triplet_command(argv, defaults):
+    """The command line of `triplet_totally_looks_like.py`: training, `search` or `compare`.
+
+    Returns `(prog, args)`; `defaults` are `triplet_parser`'s; `args.command` is None for
+    training, whose `--epochs`, `--image-size` and `--weights` not given get the example's
+    values, or the dry run's with `--dry-run`.
+    """
+    command, rest = split_command(argv, ("search", "compare"))
+    if command is None:
+        parser = triplet_parser(defaults)
+        parser.set_defaults(command=None)
+        args = parser.parse_args(rest)
+        dry = "dry_run_" if args.dry_run else ""
+        args.epochs = args.epochs or defaults[f"{dry}epochs"]
+        args.image_size = args.image_size or defaults[f"{dry}image_size"]
+        args.weights = args.weights or ("none" if dry else "imagenet")
+        return parser.prog, args
+    prog = f"triplet_totally_looks_like.py {command}"
+    if command == "compare":
+        parser = ArgumentParser(
+            prog=prog,
+            description="The squared distance and the cosine similarity of two images' "
+            "embeddings, from a trained run's model; images are read as training read them.",
+        )
+        parser.add_argument("images", nargs=2, type=pathlib.Path, metavar="IMAGE")
+    else:
+        parser = ArgumentParser(
+            prog=prog,
+            description="Find the images of a folder that look most like QUERY, by the "
+            "squared distance of their embeddings from a trained run's model. The folder's "
+            "embeddings are kept in the run folder and reused while its files and the model "
+            "stay the same.",
+        )
+        parser.add_argument("query", type=pathlib.Path, metavar="QUERY", help="an image")
+        parser.add_argument(
+            "--gallery",
+            type=pathlib.Path,
+            metavar="DIR",
+            required=True,
+            help="the folder of images to search (sub-folders included)",
+        )
+        parser.add_argument(
+            "-k",
+            type=positive_int,
+            default=5,
+            help="how many of the nearest images to show (default 5)",
+        )
+        parser.add_argument(
+            "--output",
+            type=pathlib.Path,
+            metavar="PNG",
+            help="where the picture of the query and its nearest images goes (default "
+            "RUN_DIR/search.png)",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=defaults["batch_size"],
+            metavar="N",
+            help=f"images embedded per batch (default {defaults['batch_size']})",
+        )
+    add_run_dir_option(
+        parser, "runs/triplet_totally_looks_like", "runs/triplet_totally_looks_like_dry_run"
+    )
+    args = parser.parse_args(rest)
+    args.command = command
+    return prog, args

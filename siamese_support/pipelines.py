@@ -11,7 +11,7 @@ import numpy as np
 
 from siamese_support.devices import without_autotuning
 
-__all__ = ["PairBatches", "shuffled_index_batches", "without_autotuning"]
+__all__ = ["PairBatches", "pair_dataset", "shuffled_index_batches", "without_autotuning"]
 
 
 def shuffled_index_batches(count, batch_size, seed):
@@ -37,6 +37,35 @@ def shuffled_index_batches(count, batch_size, seed):
     # read, and without one Keras warns at the end of every epoch.
     batch_count = -(-count // batch_size)
     return orders.flat_map(batched).apply(tf.data.experimental.assert_cardinality(batch_count))
+
+
+def pair_dataset(images, pairs, labels=None, batch_size=128, seed=None):
+    """A `tf.data` pipeline of `((image_a, image_b), label)` batches gathered from index pairs.
+
+    The uint8 `images` stay in one tensor; each batch gathers its pairs' images and scales
+    them to [0, 1] (and their labels, as a column, when `labels` is given). With `seed`, a
+    new order every epoch (`shuffled_index_batches`); without, the pairs in order.
+    """
+    import tensorflow as tf
+
+    image_table = tf.convert_to_tensor(images)
+    pair_table = tf.convert_to_tensor(pairs)
+    label_table = None if labels is None else tf.convert_to_tensor(labels)
+    if seed is None:
+        batches = tf.data.Dataset.range(len(pairs)).batch(batch_size)
+    else:
+        batches = shuffled_index_batches(len(pairs), batch_size, seed)
+
+    def gather_pairs(indices):
+        batch_pairs = tf.gather(pair_table, indices)
+        pair_images = tf.cast(tf.gather(image_table, batch_pairs), tf.float32) / 255.0
+        inputs = (pair_images[:, 0], pair_images[:, 1])
+        if label_table is None:
+            return (inputs,)
+        return inputs, tf.gather(label_table, indices)[:, None]
+
+    dataset = batches.map(gather_pairs, num_parallel_calls=tf.data.AUTOTUNE)
+    return without_autotuning(dataset.prefetch(tf.data.AUTOTUNE))
 
 
 class PairBatches(keras.utils.PyDataset):

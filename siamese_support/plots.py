@@ -183,3 +183,18 @@ def plot_triplet_run(
         output_dir / "retrieval.png",
         load_image,
     )
+
+
+def plot_search_results(query, query_title, images, titles, path):
+    """The query image and the images found for it, in a row, as a PNG.
+
+    Images are 0-255 float arrays, as the triplet script's loader returns them.
+    """
+    figure = pyplot().figure(figsize=(2.4 * (len(images) + 1), 3.0))
+    axes = np.atleast_1d(figure.subplots(1, len(images) + 1))
+    for axis, image, title in zip(axes, [query, *images], [query_title, *titles], strict=True):
+        axis.imshow(np.clip(np.asarray(image) / 255.0, 0.0, 1.0))
+        axis.set_title(title, fontsize=8)
+        axis.set_axis_off()
+    figure.tight_layout()
+    save_figure(figure, path, dpi=90)

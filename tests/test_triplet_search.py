@@ -1,0 +1,144 @@
+"""`triplet_totally_looks_like.py search` and `compare`, in subprocesses, on a dry run's model.
+
+The model is trained once per module on generated pairs (`tools/make_synthetic_tll.py`),
+whose images then serve as the gallery and the queries.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import helpers
+import pytest
+
+REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = REPOSITORY / "triplet_totally_looks_like.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run(args, cwd):
+    """Run the script to its end in `cwd`."""
+    return helpers.finish(helpers.start(SCRIPT, args, cwd))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`(folder, run_dir, images)`: a dry run's folder and the 24 images it trained on."""
+    folder = tmp_path_factory.mktemp("search")
+    subprocess.run(
+        [sys.executable, REPOSITORY / "tools" / "make_synthetic_tll.py", "--pairs", "12"]
+        + ["--image-size", "64", folder / "pairs"],
+        check=True,
+        capture_output=True,
+    )
+    args = ["--dry-run", "--no-plots", "--data-dir", "pairs", "--output-dir", "run"]
+    args += ["--batch-size", "4"]
+    result = run(args, folder)
+    assert result.returncode == 0, helpers.describe(result)
+    return folder, folder / "run", folder / "pairs"
+
+
+def ranking(stdout):
+    """`[(path, squared distance, cosine similarity)]` as `search` prints them, in order."""
+    rows = re.findall(r"^\s+\d+\.\s+([\d.]+)\s+([+-][\d.]+)\s+(.+)$", stdout, re.M)
+    return [(pathlib.Path(path), float(distance), float(cosine)) for distance, cosine, path in rows]
+
+
+def counts(stdout):
+    """`(embedded, from the cache)` from the gallery line of `search`."""
+    found = re.search(r"([\d,]+) embedded and ([\d,]+) from the cache", stdout)
+    return int(found[1].replace(",", "")), int(found[2].replace(",", ""))
+
+
+def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(trained, tmp_path):
+    folder, run_dir, pairs = trained
+    gallery = tmp_path / "gallery"
+    shutil.copytree(pairs, gallery)
+    query = gallery / "left" / "00003.jpg"
+    output = tmp_path / "found.png"
+    args = ["search", query, "--gallery", gallery, "-k", "3", "--run-dir", run_dir]
+    first = run([*args, "--output", output], folder)
+    assert first.returncode == 0, helpers.describe(first)
+    assert counts(first.stdout) == (24, 0)
+    found = ranking(first.stdout)
+    assert len(found) == 3
+    assert found[0][0] == query and found[0][1] < 1e-3 and found[0][2] > 0.999
+    assert [row[1] for row in found] == sorted(row[1] for row in found)
+    assert output.read_bytes().startswith(PNG_SIGNATURE)
+
+    again = run(args, folder)
+    assert again.returncode == 0, helpers.describe(again)
+    assert counts(again.stdout) == (0, 24)
+    assert ranking(again.stdout) == found
+    assert (run_dir / "search.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    # A gallery file replaced by a copy of the query: only it is embedded again, and it is
+    # found at distance 0, which a stale cached embedding would not give.
+    changed = gallery / "right" / "00007.jpg"
+    shutil.copyfile(query, changed)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    rebuilt = run(args, folder)
+    assert rebuilt.returncode == 0, helpers.describe(rebuilt)
+    assert counts(rebuilt.stdout) == (1, 23)
+    assert {row[0] for row in ranking(rebuilt.stdout)[:2]} == {query, changed}
+    assert ranking(rebuilt.stdout)[1][1] < 1e-3
+
+    # A new model file: every image is embedded again.
+    model = run_dir / "embedding.keras"
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
+    new_model = run(args, folder)
+    assert new_model.returncode == 0, helpers.describe(new_model)
+    assert counts(new_model.stdout) == (24, 0)
+
+
+def test_compare_gives_distance_zero_for_one_image_and_more_for_two(trained):
+    folder, run_dir, pairs = trained
+    image = pairs / "left" / "00001.jpg"
+    same = run(["compare", image, image, "--run-dir", run_dir], folder)
+    assert same.returncode == 0, helpers.describe(same)
+    assert re.search(r"^Squared distance: 0\.0000$", same.stdout, re.M), same.stdout
+    assert re.search(r"^Cosine similarity: \+1\.0000$", same.stdout, re.M), same.stdout
+    other = run(["compare", image, pairs / "left" / "00002.jpg", "--run-dir", run_dir], folder)
+    assert other.returncode == 0, helpers.describe(other)
+    assert float(re.search(r"^Squared distance: ([\d.]+)$", other.stdout, re.M)[1]) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty gallery",
+        "no gallery",
+        "k too large",
+        "missing query",
+        "unreadable query",
+        "no run folder",
+        "other script's model",
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case):
+    folder, run_dir, pairs = trained
+    query = pairs / "left" / "00001.jpg"
+    args = ["search", query, "--gallery", pairs / "left", "--run-dir", run_dir]
+    prog = "triplet_totally_looks_like.py search"
+    if case == "empty gallery":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("no images here")
+        args[3], hints = tmp_path / "empty", ("holds no images",)
+    elif case == "no gallery":
+        args[3], hints = tmp_path / "nowhere", ("no such folder",)
+    elif case == "k too large":
+        args, hints = [*args, "-k", "13"], ("-k 13 is more than the 12 images",)
+    elif case == "missing query":
+        args[1], hints = tmp_path / "gone.jpg", ("gone.jpg: no such image file",)
+    elif case == "unreadable query":
+        (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
+        args[1], hints = tmp_path / "broken.jpg", ("broken.jpg: not an image",)
+    elif case == "no run folder":
+        args[-1], hints = tmp_path / "nowhere", ("no run folder", "train a model first")
+    else:
+        (tmp_path / "embedding_network.keras").write_bytes(b"")
+        args[-1], hints = tmp_path, ("a model of mnist_siamese.py",)
+    helpers.assert_one_line_error(run(args, folder), prog, *hints)
