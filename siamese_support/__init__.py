@@ -21,9 +21,14 @@ tutorial. The scripts import it; it never imports a script. Modules:
 - `real_pairs`: real-image pairs (MNIST digits) in the Totally Looks Like layout, for offline
   checks on real images.
 - `mining`: semi-hard and hard negatives chosen within a batch, for the triplet training step.
+- `trained_model`: a finished run's model found and loaded, digit images read the way MNIST
+  training read them, and `mnist_siamese.py compare`.
+- `gallery`: `triplet_totally_looks_like.py search` and `compare`, and the cache of a
+  gallery folder's embeddings.
 
 `command_line` imports nothing heavy, so that the command line answers before TensorFlow's
 import. `stores` imports TensorFlow when it is imported; `devices`, `pipelines`,
 `image_folders`, `synthetic` and `real_pairs` only inside the functions that need it;
-`mining` imports Keras.
+`mining` imports Keras; `gallery` imports TensorFlow, `trained_model` Keras and Pillow inside
+the functions that need them.
 """
