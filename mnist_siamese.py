@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from siamese_support import command_line, devices
+from siamese_support import command_line, devices, progress
 
 num_classes = 10
 epochs = 20
@@ -276,7 +276,7 @@ def train(model, train_dataset, test_dataset, epochs, margin, learning_rate, cal
         validation_data=test_dataset,
         callbacks=list(callbacks),
         shuffle=False,  # the dataset reshuffles itself every epoch
-        verbose=2,
+        verbose=progress.fit_verbosity(),
     )
 
 
