@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from siamese_support import command_line, devices
+from siamese_support import command_line, devices, progress
 
 num_classes = 10
 epochs = 20
@@ -266,7 +266,7 @@ def train(model, train_dataset, test_dataset, epochs, margin, learning_rate, cal
         validation_data=test_dataset,
         callbacks=list(callbacks),
         shuffle=False,  # the dataset reshuffles itself every epoch
-        verbose=2,
+        verbose=progress.fit_verbosity(),
     )
 
 
@@ -334,7 +334,7 @@ def main(argv=None):
         # Validation batches are larger: the size does not change what validation measures,
         # and a pass over the test pairs took 0.09 s in batches of 1,024 against 0.12 s.
         te_dataset = make_pair_dataset(x_test, te_pairs, te_y, evaluation_batch_size, None, place)
-        callbacks = run_folder.training_callbacks(output_dir)
+        callbacks = run_folder.training_callbacks(output_dir, logs=placement.process_index == 0)
         with placement.scope():
             train(
                 model,

@@ -79,7 +79,7 @@ with devices.quiet_tensorflow_start():
     from keras import layers, ops
     from keras.applications import resnet
 
-from siamese_support import gallery, mining, plots, run_folder, stores  # noqa: E402
+from siamese_support import gallery, mining, plots, progress, run_folder, stores  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like"
 DRY_RUN_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like_dry_run"
@@ -552,7 +552,7 @@ def main(argv=None):
                 validation_data=val_dataset,
                 callbacks=callbacks,
                 shuffle=False,  # the dataset reshuffles itself every epoch
-                verbose=2,
+                verbose=progress.fit_verbosity(),
             )
             after = evaluate_embeddings(network, val_store, val_negatives, args.batch_size)
         history_rows = run_folder.final_history(output_dir)

@@ -8,6 +8,8 @@ tutorial. The scripts import it; it never imports a script. Modules:
 - `devices`: TensorFlow's quiet start, the device line, `tf.distribute` strategies, threads,
   mixed precision.
 - `pipelines`: `tf.data` helpers (per-epoch shuffled index batches, autotuning off).
+- `progress`: long work shows Keras's bar on a terminal, a line every 5 % in a log; `fit()`'s
+  verbosity to match. Imports nothing heavy (Keras only inside its functions).
 - `run_folder`: the output folder (one run at a time), atomic writes, the per-epoch backup,
   resuming, and failures (Ctrl-C, SIGTERM, a full disk) explained in one line.
 - `evaluation`: accuracy at the best threshold, ROC AUC, recall@k, similarities (NumPy).

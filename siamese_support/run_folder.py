@@ -82,7 +82,8 @@ def prepare_output_dir(output_dir, resume=False, overwrite=False, dry_run=False,
     A folder that holds a finished run (its `metrics.json`) is kept unless `overwrite`
     (a dry run may replace an earlier dry run's output). A folder with an interrupted
     run's backup continues it with `resume`, starts over with `overwrite`, and is
-    refused otherwise. `overwrite` removes `metrics.json`, the backup and the files named
+    refused otherwise. `overwrite` removes `metrics.json`, the backup, the TensorBoard logs
+    (`remove_tensorboard_logs`, also done in a folder without a backup) and the files named
     in `outputs`, nothing else. Returns the folder as a `pathlib.Path`.
     """
     output_dir = pathlib.Path(output_dir)
@@ -116,13 +117,29 @@ def prepare_output_dir(output_dir, resume=False, overwrite=False, dry_run=False,
         for name in ("metrics.json", *outputs):
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(backup_dir, ignore_errors=True)
-    # Rows logged by a run that left no backup belong to no run that can be resumed.
+    # Rows and TensorBoard points logged by a run that left no backup belong to no run that
+    # can be resumed. A resumed run adds to them.
     if not backup_dir.exists():
         (output_dir / "history-progress.csv").unlink(missing_ok=True)
+        remove_tensorboard_logs(output_dir)
     # Caches of a run that was killed before it could remove them; no run uses them now.
     for stale_cache in output_dir.glob(".cache-*"):
         shutil.rmtree(stale_cache, ignore_errors=True)
     return output_dir
+
+
+def remove_tensorboard_logs(output_dir):
+    """Remove the TensorBoard logs of `output_dir` (`logs/`): its event files, nothing else.
+
+    The event files of `logs/`, `logs/train/` and `logs/validation/` go, then those folders
+    if nothing else is left in them.
+    """
+    logs = pathlib.Path(output_dir) / "logs"
+    for folder in (logs / "train", logs / "validation", logs):
+        for events in folder.glob("events.out.tfevents.*"):
+            events.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there, or holds something else
+            folder.rmdir()
 
 
 def written_by_dry_run(metrics_path):
@@ -269,18 +286,66 @@ class InterruptSafeBackupAndRestore(keras.callbacks.BackupAndRestore):
             )
 
 
-def training_callbacks(output_dir):
-    """Log the epoch's row, then back up the training state, every epoch; time the epochs.
+class TensorBoardLogs(keras.callbacks.TensorBoard):
+    """Keras's `TensorBoard` callback, with each epoch's points on disk when the epoch ends.
 
-    Returns `[logger, backup, timer]`. The row comes first: if a run dies between the two,
-    the resumed run repeats that epoch and logs it again, and `final_history` keeps the
-    later row (the other order would lose the row of an epoch the backup already counts as
-    done). The backup is kept when training ends and removed by `finish_run` once every
-    output is written, so a crash while saving resumes at the last epoch.
+    TensorFlow's summary writers flush every two minutes: a run killed in between would
+    lose the points of epochs that its backup holds, and the resumed run would leave a gap.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        for writer in getattr(self, "_writers", {}).values():
+            writer.flush()
+
+
+def tensorboard_available():
+    """Whether TensorBoard logs can be written, saying once when only TensorBoard is missing.
+
+    Keras writes them with `tensorflow.summary`, which needs the `tensorboard` package. The
+    MNIST script under JAX or PyTorch runs without TensorFlow on purpose, and then writes no
+    logs, silently; with TensorFlow but without `tensorboard` (requirements.txt has it), it
+    says how to get them.
+    """
+    try:
+        with devices.quiet_tensorflow_start():  # already imported, or its notices silenced
+            import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        if not _said_tensorboard_missing:
+            print("No TensorBoard logs: `pip install tensorboard` to get them", flush=True)
+            _said_tensorboard_missing.append(True)
+        return False
+    return True
+
+
+_said_tensorboard_missing = []
+
+
+def training_callbacks(output_dir, logs=True):
+    """Log the epoch's row and TensorBoard points, then back up the training state; time epochs.
+
+    Returns `[logger, tensorboard, backup, timer]`. The row and the points come first: if a
+    run dies before the backup, the resumed run repeats that epoch and logs it again, and
+    `final_history` keeps the later row (the other order would lose the row of an epoch the
+    backup already counts as done). The backup is kept when training ends and removed by
+    `finish_run` once every output is written, so a crash while saving resumes at the last
+    epoch. The TensorBoard logs go to `logs/` (`train/` and `validation/`; a resumed run adds
+    to them), unless `logs` is false (a multi-process run's other processes) or TensorFlow
+    and TensorBoard, which write them, are not both installed (`tensorboard_available`):
+    then there is no `tensorboard`.
     """
     output_dir = pathlib.Path(output_dir)
-    return [
+    callbacks = [
         keras.callbacks.CSVLogger(str(output_dir / "history-progress.csv"), append=True),
+    ]
+    if logs and tensorboard_available():
+        callbacks.append(TensorBoardLogs(log_dir=str(output_dir / "logs"), write_graph=False))
+    return [
+        *callbacks,
         InterruptSafeBackupAndRestore(
             backup_dir=str(output_dir / "backup"),
             double_checkpoint=True,

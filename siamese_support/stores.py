@@ -16,9 +16,14 @@ import tensorflow as tf
 from keras import ops
 
 from siamese_support.devices import without_autotuning
+from siamese_support.progress import Progress, predict_progress
 
 # A store larger than this share of the available memory goes to a file on disk.
 memory_share_for_stores = 0.5
+# Batches of images waiting for the model that reads them. With tf.data's autotuning, the
+# decoded batches (15 MB each at 200 x 200) piled up ahead of the slow trunk: 5-6 GB before
+# it had read a few hundred images. Two keep the model fed: decoding is the quick part.
+prefetched_batches = 2
 
 
 def available_memory():
@@ -99,61 +104,104 @@ def split_at_layer(model, base_name, cut_name):
     return trunk, tail
 
 
+def decoding_threads():
+    """How many images `image_batches` decodes at once: one per core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def image_batches(filenames, preprocess_image, batch_size):
-    """A `tf.data` dataset of the image files, loaded by `preprocess_image`, in order."""
+    """A `tf.data` dataset of the image files, loaded by `preprocess_image`, in order.
+
+    Its memory is bounded: a fixed number of images decoded at once (`decoding_threads`)
+    and `prefetched_batches` batches ready, with autotuning off, whatever the number of
+    files and however slow the model that reads the batches.
+    """
     dataset = tf.data.Dataset.from_tensor_slices(list(filenames))
-    dataset = dataset.map(
-        preprocess_image,
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.map(preprocess_image, num_parallel_calls=decoding_threads())
+    return without_autotuning(dataset.batch(batch_size).prefetch(prefetched_batches))
 
 
-def decode_images_once(filenames, preprocess_image, image_size, batch_size, folder=None):
+def decode_images_once(
+    filenames, preprocess_image, image_size, batch_size, folder=None, progress=None
+):
     """Decode and resize every image file once, into a store (one row per file).
 
     The example decodes and resizes the three images of every triplet in every epoch; an
     image is in about three triplets per epoch, so some thirty decodes over the example's
     ten epochs. The store keeps the float32 pixels `preprocess_image` gives, so training
-    on it computes exactly what the example computes.
+    on it computes exactly what the example computes. `progress` (a
+    `progress.Progress`) counts the images; by default a "Decoding images" one of its own.
     """
     filenames = list(filenames)
     store = new_store((len(filenames), *image_size, 3), np.float32, folder)
+    if progress is None:
+        progress = Progress("Decoding images", len(filenames))
     batches = image_batches(filenames, preprocess_image, batch_size)
-    return _fill_store(store, batches.as_numpy_iterator())
+    return _fill_store(store, batches.as_numpy_iterator(), progress)
 
 
-def compute_trunk_features(trunk, filenames, preprocess_image, batch_size, folder=None):
+def compute_trunk_features(
+    trunk, filenames, preprocess_image, batch_size, folder=None, progress=None
+):
     """Run the frozen trunk once over every image file; return a store of its features.
 
-    The features keep the trunk's output dtype (float32, or float16 under mixed precision),
-    so training on them computes exactly what training on the images would.
+    The images stream through it a few batches at a time (`image_batches`), so the memory
+    taken is the store's and a few batches'. The features keep the trunk's output dtype
+    (float32, or float16 under mixed precision), so training on them computes exactly what
+    training on the images would. `progress` as in `decode_images_once` ("Trunk
+    features" by default).
     """
     filenames = list(filenames)
-    output = trunk.output
+    if progress is None:
+        progress = Progress("Trunk features", len(filenames))
+    return _apply_to_files(trunk, filenames, preprocess_image, batch_size, folder, progress)
+
+
+def embed_image_files(model, filenames, preprocess_image, batch_size, what):
+    """`model` applied to every image file, in order, as a NumPy array (one row per file).
+
+    The files are loaded by `preprocess_image` and streamed through `model` a few batches at
+    a time (`image_batches`); the progress is shown under the label `what` (such as
+    "Embedding the gallery").
+    """
+    filenames = list(filenames)
+    shown = Progress(what, len(filenames))
+    return np.asarray(_apply_to_files(model, filenames, preprocess_image, batch_size, None, shown))
+
+
+def _apply_to_files(model, filenames, preprocess_image, batch_size, folder, progress):
+    """A store of `model`'s outputs for every image file (see `compute_trunk_features`)."""
+    filenames = list(filenames)
+    output = model.output
     store = new_store((len(filenames), *output.shape[1:]), output.dtype, folder)
     batches = image_batches(filenames, preprocess_image, batch_size)
-    return _fill_store(
-        store, (ops.convert_to_numpy(trunk(batch, training=False)) for batch in batches)
-    )
+    outputs = (ops.convert_to_numpy(model(batch, training=False)) for batch in batches)
+    return _fill_store(store, outputs, progress)
 
 
 def cache_inputs(file_lists, preprocess_image, image_size, batch_size, folder=None, trunk=None):
     """One store per list of image files: the `trunk`'s features, or the decoded images.
 
     With a frozen `trunk`, each image runs through it once (`compute_trunk_features`);
-    without one, each image is decoded once (`decode_images_once`). Prints what was cached,
-    its size and the time it took; returns the stores and the seconds.
+    without one, each image is decoded once (`decode_images_once`). Shows the progress over
+    all the lists together, then prints what was cached, its size and the time it took;
+    returns the stores and the seconds.
     """
+    file_lists = [list(files) for files in file_lists]
     started = time.perf_counter()
+    label = "Decoding images" if trunk is None else "Trunk features"
+    shown = Progress(label, sum(len(files) for files in file_lists))
     if trunk is not None:
         caches = [
-            compute_trunk_features(trunk, files, preprocess_image, batch_size, folder)
+            compute_trunk_features(trunk, files, preprocess_image, batch_size, folder, shown)
             for files in file_lists
         ]
     else:
         caches = [
-            decode_images_once(files, preprocess_image, image_size, batch_size, folder)
+            decode_images_once(files, preprocess_image, image_size, batch_size, folder, shown)
             for files in file_lists
         ]
     seconds = time.perf_counter() - started
@@ -166,12 +214,13 @@ def cache_inputs(file_lists, preprocess_image, image_size, batch_size, folder=No
     return caches, seconds
 
 
-def _fill_store(store, batches):
+def _fill_store(store, batches, progress):
     """Write consecutive batches of rows into `store`, from its first row; return it."""
     start = 0
     for batch in batches:
         store[start : start + len(batch)] = batch
         start += len(batch)
+        progress.advance(len(batch))
     return store
 
 
@@ -199,13 +248,18 @@ def make_store_dataset(store, triplet_indices, batch_size):
     return without_autotuning(dataset.prefetch(tf.data.AUTOTUNE))
 
 
-def embed_store(network, store, batch_size):
-    """`network` applied to every row of a store of images or features, as a NumPy array."""
+def embed_store(network, store, batch_size, what="Embedding the validation images"):
+    """`network` applied to every row of a store of images or features, as a NumPy array.
+
+    The rows are gathered a few batches ahead of the network (`prefetched_batches`); the
+    progress is shown under the label `what`.
+    """
     dataset = tf.data.Dataset.range(len(store)).batch(batch_size)
     dataset = dataset.map(
         lambda indices: gather_rows(store, indices), num_parallel_calls=tf.data.AUTOTUNE
     )
-    return network.predict(dataset.prefetch(tf.data.AUTOTUNE), verbose=0)
+    dataset = without_autotuning(dataset.prefetch(prefetched_batches))
+    return network.predict(dataset, **predict_progress(what, len(store), batch_size))
 
 
 def pipeline_throughput(dataset, batches):

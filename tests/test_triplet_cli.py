@@ -92,9 +92,13 @@ def test_dry_run_writes_every_output(dry_run):
         "loss.png",
         "distances.png",
         "retrieval.png",
+        "logs",
     }
     # No temporary files, no backup, no progress log are left once the run is finished.
     assert {path.name for path in output_dir.iterdir()} == expected
+    # The TensorBoard logs of the epoch (requirements.txt installs tensorboard).
+    for side in ("train", "validation"):
+        assert len(list((output_dir / "logs" / side).glob("events.out.tfevents.*"))) == 1, side
     for name in expected:
         if name.endswith(".png"):
             content = (output_dir / name).read_bytes()
@@ -451,6 +455,7 @@ def test_odd_files_train_corrupt_pairs_are_skipped_and_ctrl_c_resumes(tmp_path):
     assert sorted(os.listdir(output_dir)) == [
         "embedding.keras",
         "history.csv",
+        "logs",
         "metrics.json",
         "settings.json",
         "similarities.csv",
