@@ -120,8 +120,10 @@ def gallery_embeddings(folder, files, cache_file, model_key, image_size, embed, 
         fresh = [file for file in missing if file in usable]
         if fresh:
             rows = embed([str(file) for file in fresh])
+            # The keys read before embedding: a file changed meanwhile is embedded next time.
+            key_of = dict(zip(files, keys, strict=True))
             for file, row in zip(fresh, rows, strict=True):
-                cached[(file.relative_to(folder).as_posix(), *file_key(file))] = row
+                cached[key_of[file]] = row
     entries = [(key, cached[key]) for key in keys if key in cached]
     if not entries:
         raise ValueError(f"--gallery {folder} holds no image that can be decoded")
