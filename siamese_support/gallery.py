@@ -244,7 +244,7 @@ def search_gallery(query, folder, k, run_dir, output, batch_size, preprocess_ima
         output = pathlib.Path(output or pathlib.Path(run_dir) / "search.png")
         images = [read_image(files[index], load_image) for index in nearest]
         titles = [
-            f"{files[index].name}\nd² {distances[index]:.3g}, cos {similarity:+.2f}"
+            f"{files[index].relative_to(folder)}\nd2 {distances[index]:.3f}, cos {similarity:+.3f}"
             for index, similarity in zip(nearest, similarities, strict=True)
         ]
         plots.plot_search_results(query_pixels, f"query: {query.name}", images, titles, output)
