@@ -9,10 +9,8 @@ imports, about 5 s).
 
 import csv
 import json
-import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import helpers
@@ -35,18 +33,6 @@ import mnist_siamese  # noqa: E402
 def run(args, cwd):
     """Run the script to its end in `cwd`."""
     return helpers.finish(helpers.start(SCRIPT, args, cwd))
-
-
-def run_main(args, cwd, capsys):
-    """`mnist_siamese.main(ARGS)` in this process, from `cwd`, as a finished process."""
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = mnist_siamese.main([str(arg) for arg in args])
-    finally:
-        os.chdir(previous)
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +127,11 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
         (tmp_path / "notes.png").write_text("not a picture")
         args[2], hints = tmp_path / "notes.png", ("notes.png: not an image",)
     # One case as a user meets it, in its own process; the others through main().
-    result = run(args, tmp_path) if case == "not an image" else run_main(args, tmp_path, capsys)
+    result = (
+        run(args, tmp_path)
+        if case == "not an image"
+        else helpers.run_main(mnist_siamese, args, tmp_path, capsys)
+    )
     helpers.assert_one_line_error(result, PROG, *hints)
 
 

@@ -32,18 +32,6 @@ def run(args, cwd):
     return helpers.finish(helpers.start(SCRIPT, args, cwd))
 
 
-def run_main(args, cwd, capsys):
-    """`triplet_totally_looks_like.main(ARGS)` in this process, from `cwd`, as a process."""
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = triplet_totally_looks_like.main([str(arg) for arg in args])
-    finally:
-        os.chdir(previous)
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """`(folder, run_dir, images)`: a dry run's folder and the 24 images it trained on."""
@@ -164,5 +152,9 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
     # One case as a user meets it, in its own process (the JPEG library's own complaint must
     # not reach its stderr); the others through main().
     in_own_process = case == "unreadable query"
-    result = run(args, folder) if in_own_process else run_main(args, folder, capsys)
+    result = (
+        run(args, folder)
+        if in_own_process
+        else helpers.run_main(triplet_totally_looks_like, args, folder, capsys)
+    )
     helpers.assert_one_line_error(result, prog, *hints)
