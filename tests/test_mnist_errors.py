@@ -270,10 +270,15 @@ def test_errors_from_the_command_line(tmp_path):
         "negative margin": (["--margin", "-0.5"], ["--margin"]),
         "output file": (valid_args(occupied), ["--output-dir", str(occupied)]),
     }
+    # Each case in a folder of its own: in one folder, two cases would race for the lock of
+    # the default runs/mnist_siamese, and one of them would be told it is in use.
+    folders = {name: tmp_path / f"case{index}" for index, name in enumerate(cases)}
+    for folder in folders.values():
+        folder.mkdir()
     processes = {
         name: subprocess.Popen(
             [sys.executable, str(SCRIPT), *map(str, args)],
-            cwd=tmp_path,
+            cwd=folders[name],
             env=dict(os.environ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -285,4 +290,4 @@ def test_errors_from_the_command_line(tmp_path):
         stdout, stderr = process.communicate(timeout=300)
         assert_one_line_error(process.returncode, stderr, *cases[name][1])
         assert "* Accuracy" not in stdout, name
-    assert not (tmp_path / "runs").exists()
+    assert not any((folder / "runs").exists() for folder in folders.values())
