@@ -16,18 +16,14 @@ images and frozen-trunk features stored once, generated data, metrics, plots, a 
 run folder) is in `siamese_support`.
 
     python triplet_totally_looks_like.py                     # the example: download, 10 epochs
-    python triplet_totally_looks_like.py --data-dir DIR      # DIR holds left/ and right/
-    python triplet_totally_looks_like.py --weights none      # random ResNet50 weights
     python triplet_totally_looks_like.py --data-dir DIR --weights none   # fully offline
     python triplet_totally_looks_like.py --dry-run           # tiny generated data, 1 epoch
 """
 
-import contextlib
 import functools
 import os
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 
@@ -44,8 +40,7 @@ learning_rate = 0.0001
 validation_split = 0.2
 # The example seeds only its file shuffles; this port seeds everything, for reproducibility.
 seed = 42
-# ResNet50 without its top accepts images of at least 32 x 32 pixels.
-minimum_image_size = 32
+minimum_image_size = 32  # the smallest input ResNet50 without its top accepts
 # The layer from which the example trains ResNet50; everything before it stays frozen.
 first_trainable_layer = "conv5_block1_out"
 # `--dry-run`: generated pairs, small images, one epoch, no pretrained weights.
@@ -81,14 +76,12 @@ with devices.quiet_tensorflow_start():
 
 from siamese_support import gallery, mining, plots, progress, run_folder, stores  # noqa: E402
 
-DEFAULT_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like"
-DRY_RUN_OUTPUT_DIR = pathlib.Path("runs") / "triplet_totally_looks_like_dry_run"
 # Every file a run writes in its output folder (`--overwrite` removes only these).
 OUTPUT_FILES = ("metrics.json", "embedding.keras", "history.csv", "history-progress.csv")
 OUTPUT_FILES += ("split.json", "settings.json", "similarities.csv", "triplets.png", "loss.png")
 OUTPUT_FILES += ("distances.png", "retrieval.png")
-# The settings a resumed run must keep (they give the saved training state its meaning;
-# --epochs, --jit-compile and --distribute may change), and all that metrics.json records.
+# The settings a resumed run must keep (--epochs, --jit-compile, --distribute may change),
+# and all that metrics.json records.
 RESUMED_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate", "weights")
 RESUMED_SETTINGS += ("negatives", "cache_features", "mixed_precision")
 RUN_SETTINGS = RESUMED_SETTINGS + ("seed", "jit_compile", "replicas", "dry_run")
@@ -101,6 +94,15 @@ google_drive_ids = {
     "left": "1jvkbTr_giSP3Ru8OwGNCg6B4PvVbcO34",
     "right": "1EzBZUb_mh_Dp_FKD0P4XiYYSd0QBH5zW",
 }
+
+
+def load_dataset(data_dir, dry_run, seed, make_folder):
+    """The dataset's folder: `data_dir`, generated pairs in `make_folder()` for a dry run, or
+    the download (the example's gdown and unzip into `cache_dir`)."""
+    if data_dir is None and dry_run:
+        data_dir = make_folder()
+        synthetic.make_synthetic_dataset(data_dir, dry_run_pairs, seed=seed)
+    return data_dir or downloads.download_dataset(cache_dir, google_drive_ids)
 
 
 # --- Prepare the data ---------------------------------------------------------------------
@@ -158,6 +160,16 @@ def split_pairs(pair_count, validation_split=validation_split, seed=seed):
         )
     order = np.random.default_rng(seed).permutation(pair_count)
     return np.sort(order[:train_count]), np.sort(order[train_count:])
+
+
+def split_files(anchor_images, positive_images, validation_split=validation_split, seed=seed):
+    """The training pairs' anchors and positives, then the validation pairs' (`split_pairs`)."""
+    train_pairs, val_pairs = split_pairs(len(anchor_images), validation_split, seed)
+    return [
+        [images[i] for i in pairs]
+        for pairs in (train_pairs, val_pairs)
+        for images in (anchor_images, positive_images)
+    ]
 
 
 def choose_negatives(pair_count, rng):
@@ -219,8 +231,7 @@ def validation_triplet_indices(negative_indices):
     """A `tf.data` dataset of the fixed validation triplets as indices, in order.
 
     Pair i is (i, pair_count + i), with the negative `negative_indices[i]` chosen once
-    (`choose_negatives`), so every epoch's val_loss is measured on the same triplets and
-    can be compared from epoch to epoch.
+    (`choose_negatives`): every epoch's val_loss is measured on the same triplets.
     """
     negative_indices = np.asarray(negative_indices, np.int64)
     pair_count = len(negative_indices)
@@ -232,8 +243,8 @@ def validation_triplet_indices(negative_indices):
 def make_dataset(triplet_files, image_size=target_shape, batch_size=batch_size):
     """Decode the triplets' images and batch them, as the example does.
 
-    Training reads the same triplets as rows of a store instead (see `main`), which decodes
-    every image once; this pipeline feeds `visualize` and the benchmarks.
+    Training reads them as rows of images decoded once (`stored_datasets`); this pipeline
+    feeds `visualize` and the benchmarks.
     """
     load_triplet = functools.partial(preprocess_triplets, image_size=image_size)
     dataset = triplet_files.map(load_triplet, num_parallel_calls=tf.data.AUTOTUNE)
@@ -361,6 +372,30 @@ def build_siamese_network(embedding):
 # --- Putting everything together ----------------------------------------------------------
 
 
+def stored_datasets(embedding, files, val_negatives, image_size, batch_size, options):
+    """Training and validation datasets of images or features stored once (`stores`).
+
+    The example decodes every triplet's images in every epoch and runs all of ResNet50 at
+    every step. Here each image is decoded once and, with `cache_features`, runs through the
+    frozen trunk once; the trainable tail (`network`) trains on the stored features.
+    `files`: training, validation images (anchors first); `options`: `(cache_features,
+    cache_folder, seed)`. Returns network, both datasets, val_store and seconds_caching.
+    """
+    cache_features, cache_folder, seed = options
+    trunk, network = None, embedding
+    if cache_features:
+        trunk, network = stores.split_at_layer(embedding, "resnet50", first_trainable_layer)
+    load_image = functools.partial(preprocess_image, image_size=image_size)
+    (train_store, val_store), seconds_caching = stores.cache_inputs(
+        files, load_image, image_size, batch_size, cache_folder, trunk
+    )
+    train_triplets = training_triplet_indices(len(files[0]) // 2, seed)
+    train_dataset = stores.make_store_dataset(train_store, train_triplets, batch_size)
+    val_triplets = validation_triplet_indices(val_negatives)
+    val_dataset = stores.make_store_dataset(val_store, val_triplets, batch_size)
+    return network, train_dataset, val_dataset, val_store, seconds_caching
+
+
 def triplet_loss(ap_distance, an_distance, margin=margin):
     """Per-triplet loss max(d(A, P) - d(A, N) + margin, 0), with squared L2 distances."""
     return ops.maximum(ap_distance - an_distance + margin, 0.0)
@@ -445,6 +480,23 @@ class SiameseModel(keras.Model):
         return [self.loss_tracker]
 
 
+# --- Training -----------------------------------------------------------------------------
+
+
+def train(siamese_model, train_dataset, val_dataset, epochs, learning_rate, jit_compile, callbacks):
+    """The example's training: Adam, `fit`, validation; XLA as `jit_compile` says, or Keras."""
+    jit = "auto" if jit_compile is None else jit_compile
+    siamese_model.compile(keras.optimizers.Adam(learning_rate), jit_compile=jit)
+    return siamese_model.fit(
+        train_dataset,
+        epochs=epochs,
+        validation_data=val_dataset,
+        callbacks=list(callbacks),
+        shuffle=False,  # the dataset reshuffles itself every epoch
+        verbose=progress.fit_verbosity(),
+    )
+
+
 # --- Inspecting what the network has learned ----------------------------------------------
 
 
@@ -460,140 +512,87 @@ def evaluate_embeddings(network, val_store, val_negatives, batch_size=batch_size
     return evaluation.evaluate_triplets(embeddings[:pairs], embeddings[pairs:], val_negatives)
 
 
+def print_similarities(anchor_files, result, count=5):
+    """Print the cosine similarities of the first validation anchors to their triplet's images."""
+    print("Cosine similarity of validation anchors to their positive and negative:")
+    similarities = (result["positive_similarities"], result["negative_similarities"])
+    for name, positive, negative in zip(anchor_files[:count], *similarities, strict=False):
+        print(f"  {os.path.basename(name)}: positive {positive:+.4f}, negative {negative:+.4f}")
+
+
+@command_line.reports_errors("triplet_totally_looks_like.py")  # mistakes: one line, exit 2
 def main(argv=None):
     """Run the example from the command line; return the process's exit code."""
-    prog, args = command_line.parse_triplet_command(argv, PARSER_DEFAULTS)
+    _, args = command_line.parse_triplet_command(argv, PARSER_DEFAULTS)
     if args.command == "compare":  # use a trained model (see `compare --help`)
         return gallery.compare_images(args.images, args.run_dir, preprocess_image)
     if args.command == "search":  # (see `search --help`)
         inputs = (args.query, args.gallery, args.k, args.run_dir, args.output, args.batch_size)
         return gallery.search_gallery(*inputs, preprocess_image, decode_image)
-    output_dir = args.output_dir or (DRY_RUN_OUTPUT_DIR if args.dry_run else DEFAULT_OUTPUT_DIR)
-    if args.mixed_precision is None:  # on with a GPU
-        args.mixed_precision = devices.gpu_visible()
-    image_size = (args.image_size, args.image_size)
-    with (
-        command_line.one_line_errors(prog) as status,
-        run_folder.exclusive_use(output_dir),  # one run per folder; says how to resume
-        contextlib.ExitStack() as run,
-    ):
+    image_size, batch_size = (args.image_size, args.image_size), args.batch_size
+    # The run folder: one run at a time, resumable with the same data and settings.
+    folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
+    with run_folder.Run(*folder, outputs=OUTPUT_FILES) as run:
         args.weights = downloads.weights_choice(args.weights, "ResNet50")
         strategy, device_line = devices.choose_strategy(args.distribute)
         print(device_line, flush=True)
+        policy = devices.mixed_precision_policy(args.mixed_precision)  # default: on with a GPU
+        args.mixed_precision = run.enter_context(policy)
         keras.utils.set_random_seed(args.seed)
 
         # Load the dataset: the folder given, generated pairs for a dry run, or the download.
-        data_dir = args.data_dir
-        if data_dir is None and args.dry_run:
-            data_dir = run.enter_context(tempfile.TemporaryDirectory())
-            synthetic.make_synthetic_dataset(data_dir, dry_run_pairs, seed=args.seed)
-        data_dir = data_dir or downloads.download_dataset(cache_dir, google_drive_ids)
+        data_dir = load_dataset(args.data_dir, args.dry_run, args.seed, run.temporary_folder)
 
         # Prepare the data: the sorted file lists, split once; fixed validation negatives.
         anchor_images, positive_images, skipped = image_folders.load_pairs(
             data_dir, args.limit, decode_image
         )
-        train_pairs, val_pairs = split_pairs(len(anchor_images), args.validation_split, args.seed)
-        replicas = strategy.num_replicas_in_sync
-        mining.check_batch_size(args.batch_size, len(train_pairs), args.negatives, replicas)
-        train_anchors, train_positives, val_anchors, val_positives = (
-            [images[i] for i in indices]
-            for indices in (train_pairs, val_pairs)
-            for images in (anchor_images, positive_images)
+        train_anchors, train_positives, val_anchors, val_positives = split_files(
+            anchor_images, positive_images, args.validation_split, args.seed
         )
+        args.replicas = strategy.num_replicas_in_sync
+        mining.check_batch_size(batch_size, len(train_anchors), args.negatives, args.replicas)
         val_negatives = choose_negatives(len(val_anchors), args.seed)
-        print(f"{len(train_pairs)} training pairs, {len(val_pairs)} validation pairs", flush=True)
-        output_dir = run_folder.prepare_output_dir(
-            output_dir, args.resume, args.overwrite, args.dry_run, outputs=OUTPUT_FILES
-        )
-        run.enter_context(devices.mixed_precision_policy(args.mixed_precision))
-        # A resumed run must train on the same split, with the same settings.
-        run_folder.check_same_split(output_dir, train_anchors, val_anchors)
-        args.replicas = replicas
+        pairs = f"{len(train_anchors)} training pairs, {len(val_anchors)} validation pairs"
+        print(pairs, flush=True)
         settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-        run_folder.check_same_settings(output_dir, {k: settings[k] for k in RESUMED_SETTINGS})
+        output_dir = run.start((train_anchors, val_anchors), settings, RESUMED_SETTINGS)
         if not args.no_plots:
             triplets = training_triplets(train_anchors, train_positives, args.seed)
-            triplets = next(iter(make_dataset(triplets, image_size, batch_size=3)))
-            visualize(*triplets, output_dir / "triplets.png")
+            batch = next(iter(make_dataset(triplets, image_size, 3)))
+            visualize(*batch, output_dir / "triplets.png")
 
-        # Caches too large for memory go to disk in this folder, removed when the run ends.
-        with (
-            tempfile.TemporaryDirectory(dir=output_dir, prefix=".cache-") as cache_folder,
-            strategy.scope(),
-        ):
+        # The embedding model and the Siamese network, trained on stored images or features.
+        with strategy.scope():
             embedding = build_embedding_network(image_size, args.weights)
-            # The example decodes every triplet's images in every epoch and runs all of ResNet50
-            # at every step. Here each image is decoded once and by default runs through the
-            # frozen trunk once; training runs the trainable tail on the stored features.
-            trunk, network = None, embedding
-            if args.cache_features:
-                trunk, network = stores.split_at_layer(embedding, "resnet50", first_trainable_layer)
-            load_image = functools.partial(preprocess_image, image_size=image_size)
             files = (train_anchors + train_positives, val_anchors + val_positives)
-            (train_store, val_store), seconds_caching = stores.cache_inputs(
-                files, load_image, image_size, args.batch_size, cache_folder, trunk
+            options = (args.cache_features, run.cache_folder(), args.seed)
+            network, train_dataset, val_dataset, val_store, seconds_caching = stored_datasets(
+                embedding, files, val_negatives, image_size, batch_size, options
             )
-            train_triplets = training_triplet_indices(len(train_anchors), args.seed)
-            train_dataset = stores.make_store_dataset(train_store, train_triplets, args.batch_size)
-            val_triplets = validation_triplet_indices(val_negatives)
-            val_dataset = stores.make_store_dataset(val_store, val_triplets, args.batch_size)
-
             siamese_network = build_siamese_network(network)
             siamese_model = SiameseModel(siamese_network, args.margin, args.negatives)
-            before = evaluate_embeddings(network, val_store, val_negatives, args.batch_size)
-            # Training, as in the example: Adam, fit, the validation triplets each epoch.
-            jit = "auto" if args.jit_compile is None else args.jit_compile  # XLA: Keras decides
-            siamese_model.compile(keras.optimizers.Adam(args.learning_rate), jit_compile=jit)
-            callbacks = run_folder.training_callbacks(output_dir)
-            siamese_model.fit(
-                train_dataset,
-                epochs=args.epochs,
-                validation_data=val_dataset,
-                callbacks=callbacks,
-                shuffle=False,  # the dataset reshuffles itself every epoch
-                verbose=progress.fit_verbosity(),
-            )
-            after = evaluate_embeddings(network, val_store, val_negatives, args.batch_size)
-        history_rows = run_folder.final_history(output_dir)
+            before = evaluate_embeddings(network, val_store, val_negatives, batch_size)
+            training = (args.epochs, args.learning_rate, args.jit_compile, run.callbacks)
+            train(siamese_model, train_dataset, val_dataset, *training)
+            after = evaluate_embeddings(network, val_store, val_negatives, batch_size)
 
         # Inspecting what the network has learned, triplet by triplet.
-        print("Cosine similarity of validation anchors to their positive and negative:")
-        for row in range(min(5, len(val_anchors))):
-            print(
-                f"  {os.path.basename(val_anchors[row])}: "
-                f"positive {after['positive_similarities'][row]:+.4f}, "
-                f"negative {after['negative_similarities'][row]:+.4f}"
-            )
+        print_similarities(val_anchors, after)
 
-        # The model, history, similarities and plots; metrics.json last, as the run's end mark.
-        run_folder.save_model(embedding, output_dir / "embedding.keras")
-        columns = None if history_rows else ["epoch", "loss", "val_loss"]
-        run_folder.write_csv(history_rows, output_dir / "history.csv", columns)
-        rows = evaluation.similarity_rows(
-            val_anchors, val_positives, val_negatives, data_dir, after
-        )
-        run_folder.write_csv(rows, output_dir / "similarities.csv")
+        # The port's extras: similarities, plots, the model, history and metrics.json, last.
+        triplets = (val_anchors, val_positives, val_negatives)
+        run.write_csv(evaluation.similarity_rows(*triplets, data_dir, after), "similarities.csv")
         if not args.no_plots:
-            figures = (history_rows, before, after, val_anchors, val_positives, load_image)
-            plots.plot_triplet_run(output_dir, *figures)
-        run_folder.finish_run(
-            output_dir,
-            {
-                "val_loss": float(history_rows[-1]["val_loss"]) if history_rows else None,
-                **evaluation.triplet_metrics(before, after),
-                "seconds_per_epoch": callbacks[-1].mean(),
-                "seconds_caching": seconds_caching,
-                "epochs": len(history_rows),
-                "training_pairs": len(train_anchors),
-                "validation_pairs": len(val_anchors),
-                "skipped_pairs": skipped,
-                **settings,
-            },
-        )
+            load_image = functools.partial(preprocess_image, image_size=image_size)
+            figures = (before, after, val_anchors, val_positives, load_image)
+            plots.plot_triplet_run(output_dir, run.history(), *figures)
+        metrics = evaluation.triplet_run_metrics(run.history(), before, after, seconds_caching)
+        metrics.update(training_pairs=len(train_anchors), validation_pairs=len(val_anchors))
+        run.finish({"embedding.keras": embedding}, {**metrics, "skipped_pairs": skipped}, settings)
         print(f"Saved the embedding model, history, metrics and plots in {output_dir}")
         print(evaluation.summary_lines(before, after))
-    return status.code
+    return 0
 
 
 if __name__ == "__main__":

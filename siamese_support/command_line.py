@@ -7,6 +7,7 @@ then imports Keras. The defaults are the tutorials' and come from the scripts.
 
 import argparse
 import contextlib
+import functools
 import math
 import pathlib
 import signal
@@ -16,6 +17,9 @@ import threading
 # `--negatives` of the triplet script: the tutorial's random negatives, or negatives mined in
 # each batch by `siamese_support.mining` (named here, where no import of Keras is needed).
 NEGATIVES_CHOICES = ("random", "semi-hard", "hard")
+# Where the runs go unless --output-dir says otherwise: (a run's, a --dry-run's).
+MNIST_OUTPUT_DIRS = ("runs/mnist_siamese", "runs/mnist_siamese_dry_run")
+TRIPLET_OUTPUT_DIRS = ("runs/triplet_totally_looks_like", "runs/triplet_totally_looks_like_dry_run")
 
 
 class DownloadError(RuntimeError):
@@ -29,7 +33,14 @@ def one_line(error):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An argument parser that reports a mistake in one line and exits with code 2."""
+    """An argument parser that reports a mistake in one line and exits with code 2.
+
+    Abbreviated options are refused: with flags as alike as `--data` and `--data-dir`, or
+    `--epoch` and `--epochs`, a prefix that argparse would complete hides a typo.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -103,6 +114,21 @@ def one_line_errors(prog, interrupted="interrupted"):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def reports_errors(prog):
+    """Decorate a script's `main` so that it returns an exit code: 0, or `one_line_errors`'."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def main_with_one_line_errors(*args, **kwargs):
+            with one_line_errors(prog) as status:
+                return main(*args, **kwargs)
+            return status.code
+
+        return main_with_one_line_errors
+
+    return decorate
 
 
 def whole_number(minimum):
@@ -201,8 +227,15 @@ def add_distribute_option(parser, multi_process=False):
     )
 
 
-def mnist_parser(epochs, batch_size, dry_run_batch_size, margin, learning_rate, seed):
-    """The command line of `mnist_siamese.py`; the defaults come from the script."""
+def mnist_parser(defaults):
+    """The command line of `mnist_siamese.py`.
+
+    `defaults` maps names to the script's values: `epochs`, `batch_size`, `margin`,
+    `learning_rate`, `seed`, `dry_run_epochs`, `dry_run_batch_size`, `dry_run_data`.
+    """
+    epochs, batch_size, seed = defaults["epochs"], defaults["batch_size"], defaults["seed"]
+    margin, learning_rate = defaults["margin"], defaults["learning_rate"]
+    dry_run_batch_size = defaults["dry_run_batch_size"]
     parser = ArgumentParser(
         prog="mnist_siamese.py",
         description="Train a Siamese network with a contrastive loss on MNIST pairs.",
@@ -261,7 +294,7 @@ def mnist_parser(epochs, batch_size, dry_run_batch_size, margin, learning_rate, 
         "(5,000 training and 1,000 test digits), output in runs/mnist_siamese_dry_run "
         "unless --output-dir is given",
     )
-    add_run_folder_options(parser, "runs/mnist_siamese", "runs/mnist_siamese_dry_run")
+    add_run_folder_options(parser, *MNIST_OUTPUT_DIRS)
     add_distribute_option(parser, multi_process=True)
     parser.add_argument(
         "--intra-op-threads",
@@ -384,12 +417,7 @@ def triplet_parser(defaults):
         "pair in the batch (default random)",
     )
     # --resume and --overwrite come last in this script's --help, as they always have.
-    add_output_options(
-        parser,
-        "runs/triplet_totally_looks_like",
-        "runs/triplet_totally_looks_like_dry_run",
-        saved="model",
-    )
+    add_output_options(parser, *TRIPLET_OUTPUT_DIRS, saved="model")
     parser.add_argument(
         "--cache-features",
         action=argparse.BooleanOptionalAction,
@@ -449,13 +477,24 @@ def add_run_dir_option(parser, default_dir, dry_run_dir):
 def parse_mnist_command(argv, defaults):
     """The command line of `mnist_siamese.py`: training, or `compare`. Returns `(prog, args)`.
 
-    `defaults` are `mnist_parser`'s; `args.command` is None for training.
+    `defaults` are `mnist_parser`'s; `args.command` is None for training, whose
+    `--batch-size` and `--output-dir` not given get the example's values, or the dry run's
+    with `--dry-run`, which also trains `dry_run_epochs` epochs on `dry_run_data`.
     """
     command, rest = split_command(argv, ("compare",))
     if command is None:
-        parser = mnist_parser(*defaults)
+        parser = mnist_parser(defaults)
         parser.set_defaults(command=None)
-        return parser.prog, parser.parse_args(rest)
+        args = parser.parse_args(rest)
+        dry = "dry_run_" if args.dry_run else ""
+        if args.dry_run:  # its epoch count, even with --epochs, as it always was
+            args.epochs, args.data = (
+                defaults["dry_run_epochs"],
+                args.data or defaults["dry_run_data"],
+            )
+        args.batch_size = args.batch_size or defaults[f"{dry}batch_size"]
+        args.output_dir = args.output_dir or pathlib.Path(MNIST_OUTPUT_DIRS[bool(dry)])
+        return parser.prog, args
     parser = ArgumentParser(
         prog="mnist_siamese.py compare",
         description="Compare two images of digits with a trained run's embedding network: "
@@ -479,7 +518,7 @@ def parse_mnist_command(argv, defaults):
         help="with --pairs: where the distances and verdicts go (default "
         "RUN_DIR/compared-pairs.csv)",
     )
-    add_run_dir_option(parser, "runs/mnist_siamese", "runs/mnist_siamese_dry_run")
+    add_run_dir_option(parser, *MNIST_OUTPUT_DIRS)
     args = parser.parse_args(rest)
     if not (len(args.images) == 2 if args.pairs is None else not args.images):
         parser.error("give two images, or --pairs CSV and no image")
@@ -493,8 +532,8 @@ def parse_triplet_command(argv, defaults):
     """The command line of `triplet_totally_looks_like.py`: training, `search` or `compare`.
 
     Returns `(prog, args)`; `defaults` are `triplet_parser`'s; `args.command` is None for
-    training, whose `--epochs`, `--image-size` and `--weights` not given get the example's
-    values, or the dry run's with `--dry-run`.
+    training, whose `--epochs`, `--image-size`, `--weights` and `--output-dir` not given get
+    the example's values, or the dry run's with `--dry-run`.
     """
     command, rest = split_command(argv, ("search", "compare"))
     if command is None:
@@ -505,6 +544,7 @@ def parse_triplet_command(argv, defaults):
         args.epochs = args.epochs or defaults[f"{dry}epochs"]
         args.image_size = args.image_size or defaults[f"{dry}image_size"]
         args.weights = args.weights or ("none" if dry else "imagenet")
+        args.output_dir = args.output_dir or pathlib.Path(TRIPLET_OUTPUT_DIRS[bool(dry)])
         return parser.prog, args
     prog = f"triplet_totally_looks_like.py {command}"
     if command == "compare":
@@ -550,9 +590,7 @@ def parse_triplet_command(argv, defaults):
             metavar="N",
             help=f"images embedded per batch (default {defaults['batch_size']})",
         )
-    add_run_dir_option(
-        parser, "runs/triplet_totally_looks_like", "runs/triplet_totally_looks_like_dry_run"
-    )
+    add_run_dir_option(parser, *TRIPLET_OUTPUT_DIRS)
     args = parser.parse_args(rest)
     args.command = command
     return prog, args

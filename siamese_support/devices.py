@@ -370,15 +370,18 @@ def without_autotuning(dataset):
 def mixed_precision_policy(enabled):
     """Compute in float16 inside the block when `enabled`, with weights in float32.
 
+    `enabled` None: when TensorFlow sees a GPU. Yields whether the block computes in float16.
     The previous global policy is restored afterwards, so that a script's `main()` called
     inside another program leaves it as it was.
     """
     import keras
 
+    if enabled is None:
+        enabled = gpu_visible()
     previous = keras.mixed_precision.dtype_policy()
     try:
         if enabled:
             keras.mixed_precision.set_global_policy("mixed_float16")
-        yield
+        yield enabled
     finally:
         keras.mixed_precision.set_global_policy(previous)

@@ -183,6 +183,13 @@ def triplet_metrics(before, after):
     }
 
 
+def triplet_run_metrics(history, before, after, seconds_caching):
+    """What a triplet run's metrics.json starts with: the last val_loss, `triplet_metrics`."""
+    val_loss = float(history[-1]["val_loss"]) if history else None
+    metrics = {"val_loss": val_loss, **triplet_metrics(before, after)}
+    return {**metrics, "seconds_caching": seconds_caching}
+
+
 def summary_lines(before, after):
     """The last lines a triplet run prints: triplet accuracy and recall@1, before and after."""
     return (

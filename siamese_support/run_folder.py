@@ -18,15 +18,11 @@ import tempfile
 import threading
 import time
 
+import filelock
 import keras
 import numpy as np
 
 from siamese_support import command_line, devices
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 
 @contextlib.contextmanager
@@ -397,7 +393,7 @@ def lost_process_message(output_dir, error):
 def exclusive_use(output_dir, place=(0, 1)):
     """This run's hold on its output folder for the block: one run per folder, failures explained.
 
-    The folder is created if needed and locked with an OS lock (`flock`) on its `.lock` file,
+    The folder is created if needed and locked with an OS lock on its `.lock` file (`_lock`),
     which the OS releases when the process ends, however it ends: a killed run leaves no
     stale lock. A second run on a locked folder is refused at once, naming the process that
     holds it. Inside the block, Ctrl-C, SIGTERM and a failed write (full disk, read-only
@@ -439,43 +435,36 @@ def exclusive_use(output_dir, place=(0, 1)):
     except KeyboardInterrupt as interrupt:
         raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
     finally:
-        if lock is not None:
-            (output_dir / ".lock").unlink(missing_ok=True)
-            lock.close()
+        # Removed while still held: a run waiting to lock it then locks a file nobody sees,
+        # which filelock notices and takes the lock again on the new file.
+        (output_dir / ".lock").unlink(missing_ok=True)
+        lock.release()
         _remove_if_empty(created)
 
 
 def _lock(output_dir):
-    """Take the OS lock on `output_dir/.lock`; return its open file (None without `fcntl`)."""
-    if fcntl is None:  # Windows: no flock; the folder is not locked there
-        return None
+    """Take the OS lock on `output_dir/.lock` (filelock: `flock`, or Windows' own); return it.
+
+    The OS releases the lock when the process ends, however it ends. The holder writes its
+    process id into the file, so that a refused run can name it.
+    """
     path = output_dir / ".lock"
-    while True:
-        handle = open(path, "a+")
+    lock = filelock.FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            handle.close()
-            who = f" (process {holder})" if holder.isdigit() else ""
-            raise ValueError(
-                f"--output-dir {output_dir} is in use by another run{who}; wait for it to "
-                "end, or choose another --output-dir"
-            ) from None
-        # The holder before us may have removed the file while we opened it: then our
-        # lock is on a file nobody else will see, and the lock must be taken again.
-        try:
-            same_file = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
-        except FileNotFoundError:
-            same_file = False
-        if same_file:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            return handle
-        handle.close()
+            holder = path.read_text().strip()
+        except OSError:  # Windows: the holder's lock covers the file
+            holder = ""
+        who = f" (process {holder})" if holder.isdigit() else ""
+        raise ValueError(
+            f"--output-dir {output_dir} is in use by another run{who}; wait for it to "
+            "end, or choose another --output-dir"
+        ) from None
+    with contextlib.suppress(OSError):  # Windows: the lock covers the file
+        path.write_text(f"{os.getpid()}\n")
+    return lock
 
 
 def _remove_if_empty(created):
@@ -534,3 +523,96 @@ def finish_run(output_dir, metrics):
         write_json(metrics, output_dir / "metrics.json")
     shutil.rmtree(output_dir / "backup", ignore_errors=True)
     (output_dir / "history-progress.csv").unlink(missing_ok=True)
+
+
+class Run(contextlib.ExitStack):
+    """A training run's hold on its output folder, and the folder's bookkeeping.
+
+    What a tutorial does not have, behind one object::
+
+        with run_folder.Run(output_dir, resume, overwrite, dry_run) as run:
+            ...                       # load the data, make pairs, build the network
+            run.start()               # the folder may now be used: check it, get callbacks
+            model.fit(..., callbacks=run.callbacks)
+            run.finish({"model.keras": model}, metrics, settings)
+
+    Entering it takes the folder's lock (`exclusive_use`: one run per folder; Ctrl-C,
+    SIGTERM and failed writes explained, with how to resume). `start` decides, once the data
+    has loaded, whether the folder may be used (`prepare_output_dir`), refuses a resume with
+    another split or other settings, and makes the callbacks. `finish` writes the models,
+    `history.csv` and, last, `metrics.json`, the run's end mark. `place` is a multi-process
+    run's `(index, count)`: only process 0 writes outputs (`writes_outputs`). Contexts
+    entered with `enter_context` (an `ExitStack`'s) stay open until the run ends.
+    """
+
+    def __init__(self, output_dir, resume, overwrite, dry_run, place=(0, 1), outputs=()):
+        super().__init__()
+        self.output_dir, self.place, self.outputs = output_dir, place, outputs
+        self.resume, self.overwrite, self.dry_run = resume, overwrite, dry_run
+        self.callbacks = []
+
+    def __enter__(self):
+        super().__enter__()
+        self.output_dir = self.enter_context(exclusive_use(self.output_dir, self.place))
+        return self
+
+    @property
+    def writes_outputs(self):
+        """Whether this process writes the run's outputs (process 0 of a multi-process run)."""
+        return self.place[0] == 0
+
+    def start(self, split=None, settings=None, resumed_settings=()):
+        """Prepare the folder once the data has loaded; make `callbacks`; return the folder.
+
+        `split` is `(training files, validation files)` and `resumed_settings` names the
+        keys of `settings` that a resumed run must keep; both are recorded for a later
+        resume (`split.json`, `settings.json`) and checked against the interrupted run's.
+        """
+        self.output_dir = prepare_output_dir(
+            self.output_dir, self.resume, self.overwrite, self.dry_run, self.outputs
+        )
+        if split is not None:
+            check_same_split(self.output_dir, *split)
+        if resumed_settings:
+            check_same_settings(self.output_dir, {k: settings[k] for k in resumed_settings})
+        self.callbacks = training_callbacks(self.output_dir, logs=self.writes_outputs)
+        return self.output_dir
+
+    def temporary_folder(self, **where):
+        """A temporary folder removed when the run ends (`tempfile.TemporaryDirectory`)."""
+        return self.enter_context(tempfile.TemporaryDirectory(**where))
+
+    def cache_folder(self):
+        """A folder for caches too large for memory, inside the output folder, removed at the end.
+
+        A killed run's cache folder is removed by the next run's `prepare_output_dir`.
+        """
+        return self.temporary_folder(dir=self.output_dir, prefix=".cache-")
+
+    def history(self):
+        """The rows logged per epoch, across interruptions (`final_history`)."""
+        return final_history(self.output_dir)
+
+    def write_csv(self, rows, name, fieldnames=None):
+        """Write rows as the CSV file `name` of the output folder, atomically."""
+        write_csv(rows, self.output_dir / name, fieldnames)
+
+    def finish(self, models, metrics, settings):
+        """Save `models` (file name to model) and `history.csv`, then `metrics.json`, last.
+
+        `metrics.json` holds `metrics`, the number of epochs, the mean seconds per epoch run
+        in this process, and `settings`. Other processes of a multi-process run write
+        nothing and drop their resume state. Returns whether this process wrote outputs.
+        """
+        if not self.writes_outputs:
+            finish_run(self.output_dir, None)
+            return False
+        history_rows = self.history()
+        for name, model in models.items():
+            save_model(model, self.output_dir / name)
+        columns = None if history_rows else ["epoch", "loss", "val_loss"]
+        self.write_csv(history_rows, "history.csv", columns)
+        timer = self.callbacks[-1]
+        run_record = {**metrics, "epochs": len(history_rows)}
+        finish_run(self.output_dir, {**run_record, "seconds_per_epoch": timer.mean(), **settings})
+        return True

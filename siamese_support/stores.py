@@ -12,6 +12,7 @@ import time
 
 import keras
 import numpy as np
+import psutil
 import tensorflow as tf
 
 from siamese_support.devices import without_autotuning
@@ -26,18 +27,8 @@ prefetched_batches = 2
 
 
 def available_memory():
-    """Bytes of memory available to this process (MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as stream:
-            for line in stream:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    """Bytes of memory available to this process without swapping (psutil, every OS)."""
+    return psutil.virtual_memory().available
 
 
 def new_store(shape, dtype, folder=None, memory_budget=None):
@@ -50,8 +41,7 @@ def new_store(shape, dtype, folder=None, memory_budget=None):
     dtype = np.dtype(dtype)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if memory_budget is None:
-        available = available_memory()
-        memory_budget = size if available is None else available * memory_share_for_stores
+        memory_budget = available_memory() * memory_share_for_stores
     if size <= memory_budget:
         return np.empty(shape, dtype)
     if folder is None:
