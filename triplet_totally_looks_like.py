@@ -74,7 +74,7 @@ with devices.quiet_tensorflow_start():
     from keras import layers, ops
     from keras.applications import resnet
 
-from siamese_support import gallery, mining, plots, progress, run_folder, stores  # noqa: E402
+from siamese_support import gallery, mining, plots, progress, run_folder, stores
 
 # Every file a run writes in its output folder (`--overwrite` removes only these).
 OUTPUT_FILES = ("metrics.json", "embedding.keras", "history.csv", "history-progress.csv")
