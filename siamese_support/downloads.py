@@ -17,6 +17,14 @@ import zipfile
 
 from siamese_support.command_line import DownloadError, one_line
 
+# Everything a run without a network needs, in one line: the dataset download fails first,
+# and a user who passed only --data-dir would next fail on the ImageNet weights' download.
+OFFLINE_HINT = (
+    "to run without a network, pass --data-dir DIR --weights none (DIR holding left/ and "
+    "right/; --weights PATH instead of none for a local copy of the ImageNet weights), or "
+    "--dry-run for a quick check"
+)
+
 
 def download_dataset(destination, google_drive_ids):
     """Download and unpack a dataset's zips from Google Drive once; return its folder.
@@ -43,15 +51,11 @@ def download_dataset(destination, google_drive_ids):
 def download_from_google_drive(file_id, path):
     """Fetch one Google Drive file with `gdown`, to a temporary name renamed when complete."""
     path = pathlib.Path(path)
-    offline_hint = (
-        "without a network, pass --data-dir DIR (a folder holding left/ and right/) "
-        "or try --dry-run"
-    )
     try:
         import gdown
     except ImportError:
         raise DownloadError(
-            f"downloading {path.name} needs the gdown package (pip install gdown); {offline_hint}"
+            f"downloading {path.name} needs the gdown package (pip install gdown); {OFFLINE_HINT}"
         ) from None
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(handle)
@@ -61,10 +65,10 @@ def download_from_google_drive(file_id, path):
         except Exception as error:  # gdown raises its own classes and requests' errors
             raise DownloadError(
                 f"could not download {path.name} from Google Drive ({one_line(error)}); "
-                f"{offline_hint}"
+                f"{OFFLINE_HINT}"
             ) from None
         if result is None or os.path.getsize(temporary) == 0:
-            raise DownloadError(f"could not download {path.name} from Google Drive; {offline_hint}")
+            raise DownloadError(f"could not download {path.name} from Google Drive; {OFFLINE_HINT}")
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -20,6 +20,22 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte.gz",
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
+DATA_TAKES = (
+    "--data takes a mnist.npz-style file (arrays x_train, y_train, x_test, y_test) or a "
+    "folder holding the four official *-idx?-ubyte.gz files"
+)
+# The starts `np.load` tells apart: a zip of named arrays (.npz) and a single array (.npy).
+# It reads any other file as a pickle and refuses it with advice to pass allow_pickle=True,
+# which would run whatever code the file holds; such files are refused before np.load.
+NPZ_STARTS = (b"PK\x03\x04", b"PK\x05\x06")
+NPY_START = b"\x93NUMPY"
+# Files people pass by mistake, named in the message so that they see what went wrong.
+OTHER_FILE_STARTS = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"\x80", "a Python pickle"),
+)
 
 
 def load_mnist(path=None):
@@ -55,16 +71,53 @@ def load_mnist(path=None):
     return _validated(arrays, str(path) if path else "the MNIST download")
 
 
-def _read_npz(path):
-    """Read the four arrays of a `mnist.npz`-style file."""
+def _file_start(path, size=8):
+    """The first `size` bytes of a file (fewer if it is shorter)."""
+    with open(path, "rb") as stream:
+        return stream.read(size)
+
+
+def _not_npz_message(path, start):
+    """The one line for a file that is neither a .npz nor a .npy, naming what it seems to be."""
+    kind = next((name for prefix, name in OTHER_FILE_STARTS if start.startswith(prefix)), None)
+    if not start:
+        kind = "an empty file"
+    elif kind is None and all(32 <= byte < 127 or byte in b"\t\n\r" for byte in start):
+        kind = "a text file"
+    seems = f"{kind}, not" if kind else "not"
+    return f"--data {path}: {seems} a .npz file; {DATA_TAKES}"
+
+
+def _array(archive, name):
+    """One array of an open .npz; an array of Python objects is refused, never unpickled."""
     try:
+        return archive[name]
+    except ValueError as error:
+        # NumPy's own message names allow_pickle, inviting a fix that would run the file's code.
+        if "allow_pickle" not in str(error):
+            raise
+        raise ValueError(
+            f"{name} holds Python objects, not numbers; they are not unpickled, as that could "
+            "run code the file holds"
+        ) from None
+
+
+def _read_npz(path):
+    """Read the four arrays of a `mnist.npz`-style file (never unpickling anything)."""
+    try:
+        start = _file_start(path)
+    except OSError as error:
+        raise ValueError(f"--data {path}: not a readable .npz file ({one_line(error)})") from None
+    if not start.startswith(NPZ_STARTS + (NPY_START,)):
+        raise ValueError(_not_npz_message(path, start))
+    try:
+        if start.startswith(NPY_START):
+            raise ValueError("it holds a single array, not named arrays")
         with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("it holds a single array, not named arrays")
             missing = [name for name in IDX_FILES if name not in archive.files]
             if missing:
                 raise KeyError(", ".join(missing))
-            return {name: archive[name] for name in IDX_FILES}
+            return {name: _array(archive, name) for name in IDX_FILES}
     except KeyError as error:
         raise ValueError(
             f"--data {path}: missing arrays {error.args[0]} (expected x_train, "

@@ -28,6 +28,38 @@ def save_figure(figure, path, dpi=100):
         pyplot().close(figure)
 
 
+def whole_numbers(axis):
+    """Ticks only at whole numbers on `axis` (an x or y axis): epochs, counts.
+
+    `min_n_ticks=1` because MaxNLocator drops `integer` when fewer whole numbers than that
+    are in view, as for a single epoch; steps of 1, 2, 5 or 10 give round numbers (it picks
+    steps of 8 for 60 epochs otherwise).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1, steps=[1, 2, 5, 10]))
+
+
+def epoch_axis(axis, epoch_numbers):
+    """Label the x axis of `axis` in whole epochs, with room around a single epoch.
+
+    Left alone, Matplotlib pads a lone point by 4 % either side and ticks 0.96 to 1.04,
+    fractions of an epoch that no run has; half an epoch either side keeps one tick.
+    """
+    whole_numbers(axis.xaxis)
+    axis.set_xlabel("epoch")
+    if len(set(epoch_numbers)) == 1:
+        axis.set_xlim(epoch_numbers[0] - 0.5, epoch_numbers[0] + 0.5)
+
+
+def line_style(epoch_count):
+    """Markers for a curve of `epoch_count` points: a single epoch is a marker, not a line.
+
+    Smaller markers past a few dozen epochs, where full-size ones would hide the line.
+    """
+    return {"marker": "o", "markersize": 6 if epoch_count <= 30 else 3}
+
+
 def plot_training_curves(history_rows, path):
     """Loss and accuracy per epoch, training vs test pairs."""
     epoch_numbers = [int(row["epoch"]) + 1 for row in history_rows]
@@ -35,8 +67,8 @@ def plot_training_curves(history_rows, path):
     for axis, name in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, label in (("", "training pairs"), ("val_", "test pairs")):
             values = [float(row[prefix + name]) for row in history_rows]
-            axis.plot(epoch_numbers, values, marker="o", label=label)
-        axis.set_xlabel("epoch")
+            axis.plot(epoch_numbers, values, label=label, **line_style(len(epoch_numbers)))
+        epoch_axis(axis, epoch_numbers)
         axis.set_title(name)
         axis.legend()
     figure.tight_layout()
@@ -54,6 +86,7 @@ def plot_distance_histogram(labels, distances, threshold, path, example_threshol
     axis.axvline(threshold, color="red", linestyle="--", label=f"best threshold {threshold:.3f}")
     axis.set_xlabel("predicted distance")
     axis.set_ylabel("test pairs")
+    whole_numbers(axis.yaxis)
     axis.legend()
     figure.tight_layout()
     save_figure(figure, path)
@@ -62,7 +95,8 @@ def plot_distance_histogram(labels, distances, threshold, path, example_threshol
 def plot_pair_grid(images, pairs, labels, distances, path, count=16, threshold=0.5):
     """A grid of test pairs spread over all digits, titled with distance and truth.
 
-    A pair that `threshold` (the example's 0.5) gets wrong has a red title.
+    A pair that `threshold` (the example's 0.5) gets wrong has a red title; a caption
+    under the grid says so.
     """
     shown = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).astype(int))
     # Pairs alternate positive, negative: nudge every other pick so both kinds show.
@@ -90,9 +124,29 @@ def plot_pair_grid(images, pairs, labels, distances, path, count=16, threshold=0
             fontsize=9,
             color="red" if wrong else "black",
         )
-    # 0.3 inch above the first row holds its titles.
+    # Without a key, a reader cannot tell that red means wrong, nor what the brackets hold.
     figure_height = figure.get_figheight()
-    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.3 / figure_height)
+    captions = (
+        (
+            "d: distance between the two embeddings (read as the same digit when "
+            f"d < {threshold:g}); in brackets: the truth",
+            "black",
+        ),
+        (f"red: the threshold {threshold:g} gets the pair wrong", "red"),
+    )
+    for line, (caption, colour) in enumerate(captions):
+        figure.text(
+            0.5,
+            (0.32 - 0.2 * line) / figure_height,
+            caption,
+            horizontalalignment="center",
+            fontsize=9,
+            color=colour,
+        )
+    # 0.3 inch above the first row holds its titles, 0.55 inch below the last the captions.
+    figure.subplots_adjust(
+        left=0.02, right=0.98, bottom=0.55 / figure_height, top=1 - 0.3 / figure_height
+    )
     save_figure(figure, path)
 
 
@@ -103,8 +157,8 @@ def plot_loss(history_rows, path):
     for key, label in (("loss", "training"), ("val_loss", "validation")):
         values = [float(row[key]) for row in history_rows if row.get(key) not in (None, "")]
         if len(values) == len(epoch_numbers):
-            axis.plot(epoch_numbers, values, marker="o", label=label)
-    axis.set_xlabel("epoch")
+            axis.plot(epoch_numbers, values, label=label, **line_style(len(epoch_numbers)))
+    epoch_axis(axis, epoch_numbers)
     axis.set_ylabel("triplet loss")
     axis.legend()
     figure.tight_layout()
@@ -121,6 +175,8 @@ def plot_distance_histograms(before, after, path):
         axis.hist(evaluation["an_distances"], bins=bins, alpha=0.6, label="anchor-negative")
         axis.set_title(f"{title} training")
         axis.set_xlabel("squared L2 distance")
+        axis.set_ylabel("validation pairs")
+        whole_numbers(axis.yaxis)
         axis.legend()
     figure.tight_layout()
     save_figure(figure, path, dpi=90)
@@ -132,8 +188,10 @@ def plot_retrieval_examples(
     """For a few validation queries (left image): the 5 closest right images.
 
     `load_image(filename)` gives an image as 0-255 values. The right answer, where it
-    appears, has a green frame.
+    appears, has a green frame, which a legend under the grid explains.
     """
+    from matplotlib.patches import Patch
+
     queries = min(queries, len(anchor_images))
     top = min(top, len(positive_images))
     figure, axes = pyplot().subplots(queries, top + 1, figsize=(2 * (top + 1), 2 * queries))
@@ -155,7 +213,12 @@ def plot_retrieval_examples(
                     for spine in axis.spines.values():
                         spine.set_edgecolor("green")
                         spine.set_linewidth(4)
-    figure.tight_layout()
+    # A frame alone does not say what it marks, nor what a row without one means.
+    partner = Patch(facecolor="white", edgecolor="green", linewidth=3)
+    # Two short lines, so that the key fits the narrowest grid (a query and one image).
+    key = f"the query's own right image, if among\nthe {top} closest (#1 is the closest)"
+    figure.legend([partner], [key], loc="lower center", frameon=False, fontsize=9)
+    figure.tight_layout(rect=(0, 0.45 / figure.get_figheight(), 1, 1))
     save_figure(figure, path, dpi=90)
 
 
