@@ -104,8 +104,8 @@ def extract_zip_safely(zip_path, folder):
 
     The archive is checked first (`ZipFile.testzip`, then every member's path), and
     nothing is written if a member is a link, an absolute path or climbs out with `..`.
-    Members are written one by one into a temporary folder beside `folder`, which is
-    renamed into place only when all are out.
+    The members go into a temporary folder beside `folder`, which is renamed into place
+    only when all are out.
     """
     zip_path, folder = pathlib.Path(zip_path), pathlib.Path(folder)
     redownload = f"delete {zip_path} and run again to download it afresh"
@@ -130,14 +130,9 @@ def extract_zip_safely(zip_path, folder):
                 )
         temporary = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
         try:
-            for member in members:
-                target = temporary.joinpath(*_member_parts(member))
-                if member.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(member) as source, open(target, "xb") as sink:
-                    shutil.copyfileobj(source, sink)
+            # The standard library's extraction keeps every member inside `temporary` and
+            # writes no links; the checks above say why an archive is refused, not only skip.
+            archive.extractall(temporary)
             # The example's zips hold a top folder named like the zip; use it when present.
             root = temporary / folder.name
             os.rename(root if root.is_dir() else temporary, folder)
