@@ -131,9 +131,6 @@ def process_settings_unchanged():
 @pytest.fixture()
 def mixed_precision():
     """Run the test under Keras's mixed_float16 policy; the previous policy comes back after."""
-    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if repository not in sys.path:
-        sys.path.insert(0, repository)
     from siamese_support import devices
 
     with devices.mixed_precision_policy(True):

@@ -8,17 +8,14 @@ environment and runs this module again in an environment with JAX and without Te
 
 import importlib.util
 import json
-import pathlib
 import re
 import textwrap
 
 import helpers
 import numpy as np
 import pytest
+from helpers import FIXTURE, MNIST, TRIPLET, describe
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPOSITORY / "mnist_siamese.py"
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
 PROG = "mnist_siamese.py"
 MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
@@ -44,25 +41,16 @@ RUN_WITHOUT_TENSORFLOW = textwrap.dedent(
                 raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
 
     sys.meta_path.insert(0, NoTensorFlow())
-    sys.path.insert(0, sys.argv[1])
-    script = sys.argv[1] + "/mnist_siamese.py"
-    sys.argv = [script, *sys.argv[2:]]
-    runpy.run_path(script, run_name="__main__")
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
     """
 )
 
 
-def run(args, cwd, backend, monkeypatch, timeout=300, without_tensorflow=False):
-    monkeypatch.setenv("KERAS_BACKEND", backend)
+def run_under(backend, args, cwd, without_tensorflow=False):
+    """`helpers.run` of the MNIST script with KERAS_BACKEND set to `backend`."""
     code = RUN_WITHOUT_TENSORFLOW if without_tensorflow else None
-    return helpers.finish(helpers.start(SCRIPT, args, cwd, code), timeout)
-
-
-describe = helpers.describe
-
-
-def assert_one_line_error(result, *hints):
-    helpers.assert_one_line_error(result, PROG, *hints)
+    return helpers.run(MNIST, args, cwd, code, env={"KERAS_BACKEND": backend})
 
 
 SMALL_RUN = [
@@ -82,20 +70,20 @@ SMALL_RUN = [
 def trained(tmp_path_factory):
     """A small run under each installed backend of TensorFlow and JAX: backend -> folder."""
     folders = {}
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for backend in ("tensorflow", "jax"):
-            if not installed(backend):
-                continue
-            cwd = tmp_path_factory.mktemp(backend)
-            result = run([*SMALL_RUN, "--output-dir", "out"], cwd, backend, monkeypatch)
-            assert result.returncode == 0, describe(result)
-            folders[backend] = (cwd / "out", result)
+    for backend in ("tensorflow", "jax"):
+        if not installed(backend):
+            continue
+        cwd = tmp_path_factory.mktemp(backend)
+        result = run_under(backend, [*SMALL_RUN, "--output-dir", "out"], cwd)
+        assert result.returncode == 0, describe(result)
+        folders[backend] = (cwd / "out", result)
     return folders
 
 
+@pytest.mark.slow
 @needs("jax")
-def test_dry_run_under_jax_needs_no_tensorflow(tmp_path, monkeypatch):
-    result = run(["--dry-run"], tmp_path, "jax", monkeypatch, without_tensorflow=True)
+def test_dry_run_under_jax_needs_no_tensorflow(tmp_path):
+    result = run_under("jax", ["--dry-run"], tmp_path, without_tensorflow=True)
     assert result.returncode == 0, describe(result)
     assert result.stdout.splitlines()[0] == "Backend: jax. Device: CPU"
     assert result.stderr.strip() == "", result.stderr
@@ -107,10 +95,11 @@ def test_dry_run_under_jax_needs_no_tensorflow(tmp_path, monkeypatch):
         assert (output_dir / name).is_file(), name
 
 
+@pytest.mark.slow
 @needs("torch")
-def test_dry_run_under_pytorch_needs_no_tensorflow(tmp_path, monkeypatch):
+def test_dry_run_under_pytorch_needs_no_tensorflow(tmp_path):
     # Not run with TensorFlow blocked: PyTorch's compiler probes for it with find_spec.
-    result = run(["--dry-run"], tmp_path, "torch", monkeypatch)
+    result = run_under("torch", ["--dry-run"], tmp_path)
     assert result.returncode == 0, describe(result)
     assert re.fullmatch(r"Backend: torch\. Device: (CPU|GPU)", result.stdout.splitlines()[0])
     metrics = json.loads((tmp_path / "runs" / "mnist_siamese_dry_run" / "metrics.json").read_text())
@@ -122,7 +111,6 @@ def test_dry_run_under_pytorch_needs_no_tensorflow(tmp_path, monkeypatch):
 RELOAD = textwrap.dedent(
     """
     import json, pathlib, sys
-    sys.path.insert(0, sys.argv[1])
     import mnist_siamese  # registers the custom layer, loss and metric
     import keras
     import numpy as np
@@ -143,17 +131,15 @@ RELOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @needs("tensorflow", "jax")
 @pytest.mark.parametrize("saved_under", ["tensorflow", "jax"])
-def test_models_saved_under_one_backend_reload_under_the_other(
-    trained, saved_under, monkeypatch, tmp_path
-):
+def test_models_saved_under_one_backend_reload_under_the_other(trained, saved_under, tmp_path):
     output_dir, _ = trained[saved_under]
     results = {}
     for backend in ("tensorflow", "jax"):
-        monkeypatch.setenv("KERAS_BACKEND", backend)
-        process = helpers.start(SCRIPT, [output_dir], tmp_path, RELOAD)
-        result = helpers.finish(process, 120)
+        env = {"KERAS_BACKEND": backend}
+        result = helpers.run(MNIST, [output_dir], tmp_path, RELOAD, env, timeout=120)
         assert result.returncode == 0, describe(result)
         results[backend] = json.loads(result.stdout.strip().splitlines()[-1])
     assert results["tensorflow"]["backend"] == "tensorflow" and results["jax"]["backend"] == "jax"
@@ -167,6 +153,7 @@ def test_models_saved_under_one_backend_reload_under_the_other(
     assert results["jax"]["margin"] == results["tensorflow"]["margin"] == 1.0
 
 
+@pytest.mark.slow
 @needs("jax")
 def test_small_run_under_jax_learns_and_saves(trained):
     output_dir, result = trained["jax"]
@@ -184,18 +171,19 @@ def test_small_run_under_jax_learns_and_saves(trained):
         (["--distribute", "mirrored"], ["MirroredStrategy", "KERAS_BACKEND=tensorflow"]),
     ],
 )
-def test_tensorflow_only_options_under_jax(args, hints, tmp_path, monkeypatch):
-    result = run(["--dry-run", *args], tmp_path, "jax", monkeypatch)
-    assert_one_line_error(result, *hints)
+def test_tensorflow_only_options_under_jax(args, hints, tmp_path):
+    result = run_under("jax", ["--dry-run", *args], tmp_path)
+    helpers.assert_one_line_error(result, PROG, *hints)
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 @needs("tensorflow")
-def test_multi_process_under_tensorflow_names_the_upstream_issue(tmp_path, monkeypatch):
-    result = run(
-        ["--dry-run", "--distribute", "multi-process"], tmp_path, "tensorflow", monkeypatch
+def test_multi_process_under_tensorflow_names_the_upstream_issue(tmp_path):
+    result = run_under("tensorflow", ["--dry-run", "--distribute", "multi-process"], tmp_path)
+    helpers.assert_one_line_error(
+        result, PROG, "KERAS_BACKEND=jax", "keras-team/keras/issues/20585"
     )
-    assert_one_line_error(result, "KERAS_BACKEND=jax", "keras-team/keras/issues/20585")
 
 
 def cluster(addresses="127.0.0.1:1234", count="2", index="0"):
@@ -231,20 +219,17 @@ def test_multi_process_names_a_missing_or_malformed_variable(
         monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    result = run(["--dry-run", "--distribute", "multi-process"], tmp_path, "jax", monkeypatch)
-    assert_one_line_error(result, hint)
+    result = run_under("jax", ["--dry-run", "--distribute", "multi-process"], tmp_path)
+    helpers.assert_one_line_error(result, PROG, hint)
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_the_triplet_script_says_it_needs_tensorflow(backend, tmp_path, monkeypatch):
+def test_the_triplet_script_says_it_needs_tensorflow(backend, tmp_path):
     # Its tutorial is tf.data and tf.GradientTape: under another backend it says so in one
     # line, before importing anything (so also where TensorFlow is not installed).
-    monkeypatch.setenv("KERAS_BACKEND", backend)
-    triplet_script = REPOSITORY / "triplet_totally_looks_like.py"
-    result = helpers.finish(helpers.start(triplet_script, ["--dry-run"], tmp_path), 120)
-    assert result.returncode == 2, describe(result)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("triplet_totally_looks_like.py: error: "), lines
-    assert "TensorFlow only" in lines[0] and f"set to {backend}" in lines[0], lines
+    env = {"KERAS_BACKEND": backend}
+    result = helpers.run(TRIPLET, ["--dry-run"], tmp_path, env=env, timeout=120)
+    prog = "triplet_totally_looks_like.py"
+    helpers.assert_one_line_error(result, prog, "TensorFlow only", f"set to {backend}")
     assert result.stdout == "" and not (tmp_path / "runs").exists()

@@ -13,17 +13,15 @@ import pathlib
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
 
 import helpers
 import numpy as np
 import pytest
+from helpers import FIXTURE, MNIST, describe
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPOSITORY / "mnist_siamese.py"
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
+# Every test starts the script, and most of them train: all are in the slow lane.
+pytestmark = pytest.mark.slow
 PROG = "mnist_siamese.py"
 DRY_RUN_DIR = pathlib.Path("runs") / "mnist_siamese_dry_run"
 METRIC_KEYS = (
@@ -38,27 +36,6 @@ METRIC_KEYS = (
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A cheap real training run: 600 training and 600 test images of the fixture.
 SMALL_RUN = ["--data", str(FIXTURE), "--limit", "600", "--no-plots"]
-
-
-def start_script(args, cwd, python_code=None):
-    """Start the script (or `python -c python_code` with the same arguments) in `cwd`."""
-    return helpers.start(SCRIPT, args, cwd, python_code)
-
-
-finish = helpers.finish
-
-
-def run_script(args, cwd, python_code=None, timeout=300):
-    """Run the script to the end, as a user would from `cwd`."""
-    return finish(start_script(args, cwd, python_code), timeout)
-
-
-describe = helpers.describe
-
-
-def assert_one_line_error(result, *hints):
-    """Exit code 2, one non-empty stderr line naming the program and every hint."""
-    helpers.assert_one_line_error(result, PROG, *hints)
 
 
 def read_history(output_dir):
@@ -83,7 +60,7 @@ def accuracy_lines(stdout):
 def dry_run(tmp_path_factory):
     """`python mnist_siamese.py --dry-run` from an empty working directory."""
     cwd = tmp_path_factory.mktemp("dry_run")
-    result = run_script(["--dry-run"], cwd, timeout=600)
+    result = helpers.run(MNIST, ["--dry-run"], cwd, timeout=600)
     assert result.returncode == 0, describe(result)
     return cwd, result
 
@@ -168,7 +145,6 @@ def test_dry_run_history_and_metrics(dry_run):
 RELOAD = textwrap.dedent(
     """
     import json, pathlib, sys
-    sys.path.insert(0, sys.argv[1])
     import mnist_siamese
     import keras
     import numpy as np
@@ -215,7 +191,7 @@ def test_dry_run_models_reload_in_a_fresh_process(dry_run):
     cwd, _ = dry_run
     output_dir = cwd / DRY_RUN_DIR
     metrics = read_metrics(output_dir)
-    result = run_script([output_dir, FIXTURE, 42], cwd, python_code=RELOAD)
+    result = helpers.run(MNIST, [output_dir, FIXTURE, 42], cwd, python_code=RELOAD)
     assert result.returncode == 0, describe(result)
     reloaded = json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -243,13 +219,15 @@ def test_dry_run_replaces_a_dry_run_but_a_real_run_is_refused(dry_run, tmp_path)
     before_model = (output_dir / "siamese_model.keras").read_bytes()
 
     # A real (non-dry) run into the dry run's folder, without --overwrite: refused.
-    refused = run_script([*SMALL_RUN, "--epochs", "1", "--output-dir", DRY_RUN_DIR], tmp_path)
-    assert_one_line_error(refused, "--overwrite")
+    refused = helpers.run(
+        MNIST, [*SMALL_RUN, "--epochs", "1", "--output-dir", DRY_RUN_DIR], tmp_path
+    )
+    helpers.assert_one_line_error(refused, PROG, "--overwrite")
     assert (output_dir / "metrics.json").read_bytes() == before
     assert (output_dir / "siamese_model.keras").read_bytes() == before_model
 
     # Another dry run (smaller, to save time) replaces the first one.
-    again = run_script(["--dry-run", "--limit", "600", "--no-plots"], tmp_path)
+    again = helpers.run(MNIST, ["--dry-run", "--limit", "600", "--no-plots"], tmp_path)
     assert again.returncode == 0, describe(again)
     metrics = read_metrics(output_dir)
     assert metrics["epochs"] == 1
@@ -266,11 +244,9 @@ def test_dry_run_replaces_a_dry_run_but_a_real_run_is_refused(dry_run, tmp_path)
 
 
 def test_same_seed_same_accuracies(tmp_path):
-    runs = [
-        start_script([*SMALL_RUN, "--epochs", "1", "--seed", "7", "--output-dir", name], tmp_path)
-        for name in ("first", "second")
-    ]
-    first, second = (finish(process) for process in runs)
+    args = [*SMALL_RUN, "--epochs", "1", "--seed", "7", "--output-dir"]
+    runs = [helpers.start(MNIST, [*args, name], tmp_path) for name in ("first", "second")]
+    first, second = (helpers.finish(process) for process in runs)
     assert first.returncode == 0, describe(first)
     assert second.returncode == 0, describe(second)
     assert len(accuracy_lines(first.stdout)) == 2
@@ -292,7 +268,6 @@ def test_same_seed_same_accuracies(tmp_path):
 OFFLINE = textwrap.dedent(
     """
     import pathlib, sys, urllib.error
-    sys.path.insert(0, sys.argv[1])
     import mnist_siamese  # first: its import silences TensorFlow's start-up logs
     from keras.src.utils import file_utils
 
@@ -311,15 +286,10 @@ OFFLINE = textwrap.dedent(
 def test_failed_download_names_the_offline_options(tmp_path):
     keras_home = tmp_path / "keras_home"
     keras_home.mkdir()
-    process = subprocess.run(
-        [sys.executable, "-c", OFFLINE, str(REPOSITORY), "--epochs", "1", "--output-dir", "out"],
-        cwd=tmp_path,
-        env={**os.environ, "KERAS_HOME": str(keras_home)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert_one_line_error(process, "--data", "--dry-run")
+    args = ["--epochs", "1", "--output-dir", "out"]
+    env = {"KERAS_HOME": str(keras_home)}
+    process = helpers.run(MNIST, args, tmp_path, python_code=OFFLINE, env=env)
+    helpers.assert_one_line_error(process, PROG, "--data", "--dry-run")
     # Keras's real get_file ran and tried the download (through our stub, not the network).
     assert "mnist" in (tmp_path / "download-attempted").read_text()
     assert not (tmp_path / "out").exists()  # nothing written for a run that never started
@@ -335,7 +305,6 @@ def test_failed_download_names_the_offline_options(tmp_path):
 INTERRUPTER = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path.insert(0, sys.argv[1])
     import mnist_siamese
     import keras
 
@@ -381,21 +350,19 @@ def assert_resumed_to_three_epochs(result, output_dir):
 
 
 def test_resume_after_a_kill_right_after_the_backup(tmp_path):
-    killed = run_script(["kill-after-backup", *RESUMABLE_RUN], tmp_path, python_code=INTERRUPTER)
+    killed = helpers.run(MNIST, ["kill-after-backup", *RESUMABLE_RUN], tmp_path, INTERRUPTER)
     assert killed.returncode == -signal.SIGKILL, describe(killed)
     output_dir = tmp_path / "run"
     assert (output_dir / "backup").is_dir()
     assert not (output_dir / "metrics.json").exists()
 
     # The same command again (it has --resume), without the hook.
-    resumed = run_script(RESUMABLE_RUN, tmp_path)
+    resumed = helpers.run(MNIST, RESUMABLE_RUN, tmp_path)
     assert_resumed_to_three_epochs(resumed, output_dir)
 
 
 def test_ctrl_c_saves_a_resumable_run(tmp_path):
-    interrupted = run_script(
-        ["ctrl-c-after-epoch", *RESUMABLE_RUN], tmp_path, python_code=INTERRUPTER
-    )
+    interrupted = helpers.run(MNIST, ["ctrl-c-after-epoch", *RESUMABLE_RUN], tmp_path, INTERRUPTER)
     assert interrupted.returncode == 130, describe(interrupted)
     assert "Traceback" not in interrupted.stderr, describe(interrupted)
     message = interrupted.stderr.strip().splitlines()[-1]
@@ -407,13 +374,13 @@ def test_ctrl_c_saves_a_resumable_run(tmp_path):
 
     # Without --resume (or --overwrite) the interrupted run is left alone.
     without_resume = [arg for arg in RESUMABLE_RUN if arg != "--resume"]
-    refused = run_script(without_resume, tmp_path)
-    assert_one_line_error(refused, "--resume", "--overwrite")
+    refused = helpers.run(MNIST, without_resume, tmp_path)
+    helpers.assert_one_line_error(refused, PROG, "--resume", "--overwrite")
     assert (output_dir / "backup").is_dir()
 
-    resumed = run_script(RESUMABLE_RUN, tmp_path)
+    resumed = helpers.run(MNIST, RESUMABLE_RUN, tmp_path)
     assert_resumed_to_three_epochs(resumed, output_dir)
 
     # Checked last, so that the steps above are known to work whatever happens here:
     # Ctrl-C prints exactly one line on stderr, nothing else.
-    assert interrupted.stderr.strip() == message, describe(interrupted)
+    helpers.assert_one_line_error(interrupted, PROG, "--resume", code=130)

@@ -11,35 +11,25 @@ import csv
 import json
 import pathlib
 import re
-import sys
 
 import helpers
 import numpy as np
 import pytest
+from helpers import FIXTURE, MNIST
 from PIL import Image
-
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPOSITORY / "mnist_siamese.py"
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
-PROG = "mnist_siamese.py compare"
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))
 
 # Imported here, before any test: the first import sets process-wide settings (environment
 # variables of TensorFlow's) that conftest.py's guard would blame on the test.
-import mnist_siamese  # noqa: E402
+import mnist_siamese
 
-
-def run(args, cwd):
-    """Run the script to its end in `cwd`."""
-    return helpers.finish(helpers.start(SCRIPT, args, cwd))
+PROG = "mnist_siamese.py compare"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A dry run's folder, and test digits as PNGs: `(folder, run_dir, {name: label})`."""
     folder = tmp_path_factory.mktemp("compare")
-    result = run(["--dry-run", "--no-plots", "--output-dir", "run"], folder)
+    result = helpers.run(MNIST, ["--dry-run", "--no-plots", "--output-dir", "run"], folder)
     assert result.returncode == 0, helpers.describe(result)
     with np.load(FIXTURE) as data:
         images, labels = data["x_test"][:40], data["y_test"][:40]
@@ -56,10 +46,11 @@ def distance_of(stdout):
     return float(re.search(r"^Distance: ([\d.]+)$", stdout, re.M)[1])
 
 
+@pytest.mark.slow
 def test_an_image_compared_with_itself_is_at_distance_about_zero(trained):
     folder, run_dir, digits = trained
     name = next(iter(digits))
-    result = run(["compare", name, name, "--run-dir", run_dir], folder)
+    result = helpers.run(MNIST, ["compare", name, name, "--run-dir", run_dir], folder)
     assert result.returncode == 0, helpers.describe(result)
     assert distance_of(result.stdout) < 1e-3
     threshold = json.loads((run_dir / "metrics.json").read_text())["best_threshold"]
@@ -67,13 +58,14 @@ def test_an_image_compared_with_itself_is_at_distance_about_zero(trained):
     assert "At the example's threshold 0.5: same digit" in result.stdout
 
 
+@pytest.mark.slow
 def test_dark_digit_on_light_ground_is_inverted_and_said(trained):
     folder, run_dir, digits = trained
     name = next(iter(digits))
     pixels = np.asarray(Image.open(folder / name))
     # Ink on paper, larger and in colour: the command must bring it back to MNIST's form.
     Image.fromarray(255 - pixels).convert("RGB").resize((112, 112)).save(folder / "paper.jpg")
-    result = run(["compare", name, "paper.jpg", "--run-dir", run_dir], folder)
+    result = helpers.run(MNIST, ["compare", name, "paper.jpg", "--run-dir", run_dir], folder)
     assert result.returncode == 0, helpers.describe(result)
     assert "paper.jpg: a dark digit on a light ground; inverted" in result.stdout
     assert name + ":" not in result.stdout  # the MNIST-like image is not inverted
@@ -82,12 +74,13 @@ def test_dark_digit_on_light_ground_is_inverted_and_said(trained):
     assert distance_of(result.stdout) < threshold / 2
 
 
+@pytest.mark.slow
 def test_many_pairs_from_a_csv_follow_the_best_threshold(trained):
     folder, run_dir, digits = trained
     names = sorted(digits)
     rows = [(a, b) for i, a in enumerate(names) for b in names[i + 1 : i + 6]]
     (folder / "pairs.csv").write_text("image_a,image_b\n" + "".join(f"{a},{b}\n" for a, b in rows))
-    result = run(["compare", "--pairs", "pairs.csv", "--run-dir", run_dir], folder)
+    result = helpers.run(MNIST, ["compare", "--pairs", "pairs.csv", "--run-dir", run_dir], folder)
     assert result.returncode == 0, helpers.describe(result)
     output = run_dir / "compared-pairs.csv"
     assert f"wrote {output}" in result.stdout
@@ -106,6 +99,7 @@ def test_many_pairs_from_a_csv_follow_the_best_threshold(trained):
     assert np.mean(same) < np.mean(different)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     ["no run folder", "no model", "other script's model", "missing image", "not an image"],
@@ -128,7 +122,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
         args[2], hints = tmp_path / "notes.png", ("notes.png: not an image",)
     # One case as a user meets it, in its own process; the others through main().
     result = (
-        run(args, tmp_path)
+        helpers.run(MNIST, args, tmp_path)
         if case == "not an image"
         else helpers.run_main(mnist_siamese, args, tmp_path, capsys)
     )
@@ -137,5 +131,5 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
 
 def test_wrong_arguments_are_one_line_and_exit_2(tmp_path):
     # The command line is read before Keras is imported: this costs no import.
-    result = run(["compare", "only-one.png"], tmp_path)
+    result = helpers.run(MNIST, ["compare", "only-one.png"], tmp_path)
     helpers.assert_one_line_error(result, PROG, "give two images, or --pairs CSV")

@@ -6,25 +6,24 @@ close to the single-device run of the same command.
 """
 
 import csv
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
+import helpers
+import pytest
+from helpers import FIXTURE, MNIST
 
+# The script's main(), in a process whose CPU is split into two logical devices when the
+# first argument after the script's path says "mirrored".
 RUNNER = textwrap.dedent(
     """
     import sys
     import tensorflow as tf
 
-    if sys.argv[1] == "mirrored":
+    if sys.argv[2] == "mirrored":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2
         )
-    sys.path.insert(0, sys.argv[2])
     import mnist_siamese
 
     sys.exit(mnist_siamese.main(sys.argv[3:]))
@@ -34,20 +33,16 @@ RUNNER = textwrap.dedent(
 
 def run_one_epoch(strategy, output_dir):
     """Train one epoch on 1,500 fixture images with --distribute `strategy`."""
-    arguments = ["--data", str(FIXTURE), "--limit", "1500", "--epochs", "1", "--no-plots"]
-    arguments += ["--output-dir", str(output_dir), "--distribute", strategy]
-    result = subprocess.run(
-        [sys.executable, "-c", RUNNER, strategy, str(REPOSITORY), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    arguments = ["--data", FIXTURE, "--limit", "1500", "--epochs", "1", "--no-plots"]
+    arguments += ["--output-dir", output_dir, "--distribute", strategy]
+    result = helpers.run(MNIST, [strategy, *arguments], output_dir.parent, RUNNER)
+    assert result.returncode == 0, helpers.describe(result)
     with open(output_dir / "history.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     return result.stdout, rows
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_matches_single_device(tmp_path):
     single_output, single_rows = run_one_epoch("none", tmp_path / "single")
     mirrored_output, mirrored_rows = run_one_epoch("mirrored", tmp_path / "mirrored")

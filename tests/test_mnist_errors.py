@@ -7,57 +7,29 @@ start-up log noise reaches the terminal.
 """
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
+import helpers
 import numpy as np
 import pytest
+from helpers import FIXTURE, MNIST
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPOSITORY / "mnist_siamese.py"
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
+import mnist_siamese
+
 PROG = "mnist_siamese.py"
-sys.path.insert(0, str(REPOSITORY))
-
-import mnist_siamese  # noqa: E402
 
 
-def main_exit_code(args):
-    """Run main() in process; argparse mistakes end in SystemExit, the others return.
+def check_error(capsys, args, *hints):
+    """Run main(args) in process from the test's folder, check its error; return the line.
 
     `--intra-op-threads 0` keeps TensorFlow's own thread count: left to choose, main()
     would set one thread per operation for the whole test process (TensorFlow reads the
     setting once, when it starts), and every later test would inherit it. The script's own
     choice is checked in a subprocess (tests/test_mnist_cli.py).
     """
-    try:
-        return mnist_siamese.main([str(arg) for arg in args] + ["--intra-op-threads", "0"])
-    except SystemExit as exit:
-        return exit.code
-
-
-def assert_one_line_error(code, stderr, *hints):
-    """Exit code 2 and exactly one non-empty stderr line naming the program and the hints."""
-    assert code == 2, (code, stderr)
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith(f"{PROG}: error: "), lines[0]
-    assert len(lines[0]) > len(f"{PROG}: error: ") + 10, lines[0]
-    for hint in hints:
-        assert hint in lines[0], (hint, lines[0])
-
-
-def check_error(capsys, args, *hints):
-    """Run main(args) in process and check its error; return the stderr line."""
-    capsys.readouterr()
-    code = main_exit_code(args)
-    captured = capsys.readouterr()
-    assert_one_line_error(code, captured.err, *hints)
-    assert "* Accuracy" not in captured.out
-    return captured.err.strip()
+    args = [*args, "--intra-op-threads", "0"]
+    result = helpers.run_main(mnist_siamese, args, ".", capsys)
+    assert "* Accuracy" not in result.stdout
+    return helpers.assert_one_line_error(result, PROG, *hints)
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +231,7 @@ def test_interrupted_run_needs_resume_or_overwrite(capsys, tmp_path):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_errors_from_the_command_line(tmp_path):
     not_npz = tmp_path / "digits.csv"
     not_npz.write_text("0,0,0\n")
@@ -276,18 +249,10 @@ def test_errors_from_the_command_line(tmp_path):
     for folder in folders.values():
         folder.mkdir()
     processes = {
-        name: subprocess.Popen(
-            [sys.executable, str(SCRIPT), *map(str, args)],
-            cwd=folders[name],
-            env=dict(os.environ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, (args, _) in cases.items()
+        name: helpers.start(MNIST, args, folders[name]) for name, (args, _) in cases.items()
     }
     for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert_one_line_error(process.returncode, stderr, *cases[name][1])
-        assert "* Accuracy" not in stdout, name
+        result = helpers.finish(process)
+        helpers.assert_one_line_error(result, PROG, *cases[name][1])
+        assert "* Accuracy" not in result.stdout, name
     assert not any((folder / "runs").exists() for folder in folders.values())

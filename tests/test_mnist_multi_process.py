@@ -10,20 +10,17 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import helpers
 import pytest
+from helpers import FIXTURE, MNIST, TOOLS, describe
 
 pytest.importorskip("jax", reason="the multi-process path is JAX's (requirements-jax.txt)")
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPOSITORY / "mnist_siamese.py"
-LAUNCHER = REPOSITORY / "tools" / "launch_local_workers.py"
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
+LAUNCHER = TOOLS / "launch_local_workers.py"
 # 2,000 training images of the fixture (3,440 pairs): 54 steps of 64 pairs an epoch.
 RUN = ["--data", FIXTURE, "--limit", "2000", "--batch-size", "64", "--no-plots", "--seed", "3"]
 OUTPUTS = ("siamese_model.keras", "embedding_network.keras", "history.csv", "metrics.json")
@@ -34,20 +31,10 @@ def read_history(output_dir):
         return list(csv.DictReader(stream))
 
 
-describe = helpers.describe
-
-
 def launch(count, args, cwd):
     """Start the launcher with `count` processes of the script; output captured."""
-    command = [sys.executable, str(SCRIPT), "--distribute", "multi-process", *map(str, args)]
-    return subprocess.Popen(
-        [sys.executable, str(LAUNCHER), str(count), "--grace", "20", "--", *command],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=helpers.default_signal_handling,
-    )
+    command = [sys.executable, MNIST, "--distribute", "multi-process", *args]
+    return helpers.start(LAUNCHER, [count, "--grace", "20", "--", *command], cwd)
 
 
 @pytest.fixture
@@ -57,21 +44,18 @@ def jax_backend(monkeypatch):
         monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(
     tmp_path, jax_backend, monkeypatch
 ):
     # The one-process run that two processes must reproduce: the same global batch and seed,
     # and the same two devices (the CPU split in two by XLA), so the same float32 sums.
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    one = helpers.finish(
-        helpers.start(SCRIPT, [*RUN, "--epochs", "2", "--output-dir", "one"], tmp_path), 300
-    )
+    one = helpers.run(MNIST, [*RUN, "--epochs", "2", "--output-dir", "one"], tmp_path)
     assert one.returncode == 0, describe(one)
     assert one.stdout.startswith("Backend: jax. Device: CPU, DataParallel over 2 devices\n")
     monkeypatch.delenv("XLA_FLAGS")
-    plain = helpers.finish(
-        helpers.start(SCRIPT, [*RUN, "--epochs", "1", "--output-dir", "plain"], tmp_path), 300
-    )
+    plain = helpers.run(MNIST, [*RUN, "--epochs", "1", "--output-dir", "plain"], tmp_path)
     assert plain.returncode == 0, describe(plain)
     two = helpers.finish(launch(2, [*RUN, "--epochs", "2", "--output-dir", "two"], tmp_path), 400)
     assert two.returncode == 0, describe(two)
@@ -120,12 +104,13 @@ def process_of(index, output_dir):
             environment = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(output_dir).encode() in command and str(SCRIPT).encode() in command:
+        if str(output_dir).encode() in command and str(MNIST).encode() in command:
             if f"KERAS_DISTRIBUTION_PROCESS_ID={index}".encode() in environment:
                 return int(entry.name)
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes in /proc")
 def test_a_killed_process_stops_the_others_and_the_run_resumes(tmp_path, jax_backend):
     output_dir = tmp_path / "run"
@@ -177,12 +162,6 @@ def test_a_killed_process_stops_the_others_and_the_run_resumes(tmp_path, jax_bac
 
 
 def test_launcher_refuses_a_bad_command_line(tmp_path):
-    for args, hint in (([], "the following arguments are required"), (["0", "--", "x"], "N must")):
-        result = subprocess.run(
-            [sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, timeout=60
-        )
-        assert result.returncode == 2 and hint in result.stderr, result.stderr
-    result = subprocess.run(
-        [sys.executable, str(LAUNCHER), "2"], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 2 and "no command given" in result.stderr, result.stderr
+    for args, hint in ((["0", "--", "x"], "N must"), (["2"], "no command given")):
+        result = helpers.run(LAUNCHER, args, tmp_path, timeout=60)
+        assert result.returncode == 2 and hint in result.stderr, describe(result)

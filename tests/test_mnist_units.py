@@ -6,23 +6,17 @@ module costs little more than the TensorFlow import.
 
 import csv
 import gzip
-import pathlib
 import re
 import struct
-import sys
 
+import keras
 import numpy as np
 import pytest
+from helpers import FIXTURE
+from keras import ops
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
-sys.path.insert(0, str(REPOSITORY))
-
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-import mnist_siamese  # noqa: E402
-from siamese_support import evaluation, mnist_data, pipelines, run_folder  # noqa: E402
+import mnist_siamese
+from siamese_support import evaluation, mnist_data, pipelines, run_folder
 
 EPSILON = keras.config.epsilon()
 # These tests run under whichever Keras backend the environment names; CI runs them under

@@ -13,24 +13,18 @@ import pathlib
 import pty
 import re
 import select
-import subprocess
 import sys
 import time
 
 import helpers
 import numpy as np
 import pytest
+from helpers import FIXTURE, MNIST
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))
+import triplet_totally_looks_like as tll
+from siamese_support import image_folders, progress, run_folder, stores, synthetic
+from triplet_totally_looks_like import keras
 
-import triplet_totally_looks_like as tll  # noqa: E402
-from siamese_support import image_folders, progress, run_folder, stores, synthetic  # noqa: E402
-from triplet_totally_looks_like import keras  # noqa: E402
-
-MNIST = REPOSITORY / "mnist_siamese.py"
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
 BAR = "\u2501"  # the heavy horizontal line Keras draws its bars with
 SIZE = 64
 
@@ -51,13 +45,7 @@ def run_on_pseudo_terminal(args, cwd, timeout=300):
     # Standard error goes to a file: a pipe nobody reads while the terminal is read could fill.
     stderr_path = pathlib.Path(cwd) / "stderr.txt"
     with open(stderr_path, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, str(MNIST), *map(str, args)],
-            cwd=cwd,
-            stdout=slave,
-            stderr=stderr,
-            preexec_fn=helpers.default_signal_handling,
-        )
+        process = helpers.start(MNIST, args, cwd, stdout=slave, stderr=stderr)
     os.close(slave)
     chunks = []
     deadline = time.monotonic() + timeout
@@ -89,6 +77,7 @@ def event_files(output_dir, side):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_shows_keras_progress_bar_on_a_terminal(tmp_path):
     code, output, stderr = run_on_pseudo_terminal(
         ["--dry-run", "--output-dir", tmp_path / "out"], tmp_path
@@ -100,9 +89,10 @@ def test_training_shows_keras_progress_bar_on_a_terminal(tmp_path):
     assert "* Accuracy on test set: " in output, output[-2000:]
 
 
+@pytest.mark.slow
 def test_training_prints_one_line_per_epoch_in_a_pipe(tmp_path):
     args = ["--data", FIXTURE, "--limit", "600", "--no-plots", "--epochs", "2"]
-    result = helpers.finish(helpers.start(MNIST, [*args, "--output-dir", "out"], tmp_path))
+    result = helpers.run(MNIST, [*args, "--output-dir", "out"], tmp_path)
     assert result.returncode == 0, helpers.describe(result)
     assert BAR not in result.stdout and "\b" not in result.stdout, result.stdout
     assert "\r" not in result.stdout, result.stdout
@@ -204,6 +194,7 @@ def test_image_batches_are_bounded(image_files):
     assert [len(batch) for batch in batches] == [4, 4, 4, 4, 4]
 
 
+@pytest.mark.slow
 def test_streamed_features_and_embeddings_match_the_decoded_images(
     image_files, monkeypatch, capsys
 ):
@@ -242,10 +233,11 @@ def test_streamed_features_and_embeddings_match_the_decoded_images(
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_dry_run_writes_tensorboard_logs_that_overwrite_replaces(tmp_path):
     pytest.importorskip("tensorboard")
     args = ["--dry-run", "--output-dir", "out"]
-    first = helpers.finish(helpers.start(MNIST, args, tmp_path))
+    first = helpers.run(MNIST, args, tmp_path)
     assert first.returncode == 0, helpers.describe(first)
     output_dir = tmp_path / "out"
     train, validation = event_files(output_dir, "train"), event_files(output_dir, "validation")
@@ -256,7 +248,7 @@ def test_a_dry_run_writes_tensorboard_logs_that_overwrite_replaces(tmp_path):
     logged.Reload()
     assert "epoch_loss" in logged.Tags()["tensors"], logged.Tags()
 
-    again = helpers.finish(helpers.start(MNIST, [*args, "--overwrite"], tmp_path))
+    again = helpers.run(MNIST, [*args, "--overwrite"], tmp_path)
     assert again.returncode == 0, helpers.describe(again)
     new_train = event_files(output_dir, "train")
     assert len(new_train) == 1 and new_train != train

@@ -10,26 +10,18 @@ import csv
 import errno
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
 import helpers
 import numpy as np
 import pytest
+from helpers import FIXTURE, MNIST, TRIPLET, describe
 
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-MNIST = REPOSITORY / "mnist_siamese.py"
-TRIPLET = REPOSITORY / "triplet_totally_looks_like.py"
-FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))
-
-from siamese_support import command_line, run_folder  # noqa: E402
+from siamese_support import command_line, run_folder, synthetic
 
 # A small MNIST run: 1,000 training and 1,000 test images of the fixture, no plots.
 MNIST_RUN = ["--data", FIXTURE, "--limit", "1000", "--no-plots", "--output-dir", "run"]
@@ -38,30 +30,11 @@ TRIPLET_RUN = ["--weights", "none", "--image-size", "32", "--batch-size", "4", "
 TRIPLET_RUN += ["--output-dir", "run"]
 
 
-start, finish = helpers.start, helpers.finish
-
-
-def run(script, args, cwd, python_code=None, timeout=300):
-    return finish(start(script, args, cwd, python_code), timeout)
-
-
-describe = helpers.describe
-
-
-def one_error_line(result, code=2):
-    """The run's single stderr line (warnings aside), after checking code and no traceback."""
-    assert result.returncode == code, describe(result)
-    assert "Traceback" not in result.stderr, describe(result)
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
-    assert len(lines) == 1, describe(result)
-    return lines[0]
-
-
 def wait_for(path, process, seconds=240):
     """Wait until `path` exists while `process` runs; fail if it ends or time runs out."""
     deadline = time.monotonic() + seconds
     while not path.exists():
-        assert process.poll() is None, describe(finish(process))
+        assert process.poll() is None, describe(helpers.finish(process))
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.05)
 
@@ -74,8 +47,6 @@ def epochs_logged(output_dir):
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """A folder of 24 generated image pairs in the Totally Looks Like layout."""
-    from siamese_support import synthetic
-
     folder = tmp_path_factory.mktemp("pairs")
     synthetic.make_synthetic_dataset(folder, pairs=24, image_size=32, seed=3)
     return folder
@@ -86,34 +57,37 @@ def pairs(tmp_path_factory):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_mnist_run_on_a_busy_folder_exits_at_once(tmp_path):
     # 60 epochs of batch 32: long enough (about 20 s) for a second run to meet the first.
     args = [*MNIST_RUN, "--epochs", "60", "--batch-size", "32"]
-    first = start(MNIST, args, tmp_path)
+    first = helpers.start(MNIST, args, tmp_path)
     wait_for(tmp_path / "run" / "backup" / "training_metadata.json", first)
     # The same command again, as a requeued job would start it, while the first still runs.
-    second = run(MNIST, [*args, "--resume"], tmp_path)
+    second = helpers.run(MNIST, [*args, "--resume"], tmp_path)
     assert first.poll() is None, "the first run ended before the second started"
-    line = one_error_line(second)
-    assert "is in use by another run" in line and f"process {first.pid}" in line, line
+    helpers.assert_one_line_error(
+        second, MNIST.name, "is in use by another run", f"process {first.pid}"
+    )
     assert "training pairs" not in second.stdout  # refused before loading the data
     # The first run is unharmed and finishes; it leaves no lock file behind.
-    finished = finish(first)
+    finished = helpers.finish(first)
     assert finished.returncode == 0, describe(finished)
     assert epochs_logged(tmp_path / "run") == [str(epoch) for epoch in range(60)]
     assert not (tmp_path / "run" / ".lock").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
 def test_a_locked_folder_is_refused_and_left_as_it_was(tmp_path, script, pairs):
     folder = tmp_path / "run"
     with run_folder.exclusive_use(folder):
         before = sorted(path.name for path in folder.iterdir())
         args = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
-        result = run(script, [*args, "--epochs", "1"], tmp_path)
+        result = helpers.run(script, [*args, "--epochs", "1"], tmp_path)
         assert sorted(path.name for path in folder.iterdir()) == before
-    line = one_error_line(result)
-    assert f"--output-dir run is in use by another run (process {os.getpid()})" in line, line
+    hint = f"--output-dir run is in use by another run (process {os.getpid()})"
+    helpers.assert_one_line_error(result, script.name, hint)
     # Released by the holder, the folder is free again, and a folder the holder created
     # for nothing is gone.
     assert not folder.exists()
@@ -151,6 +125,7 @@ def fill(folder, leave_bytes):
     return filler
 
 
+@pytest.mark.slow
 def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
     disk = small_file_system(tmp_path / "disk", 16)
     with disk as mount_point:
@@ -158,9 +133,8 @@ def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
         # keeps a copy of the first while it is written.
         filler = fill(mount_point, 1_800_000)
         args = [*MNIST_RUN[:-1], mount_point / "run", "--epochs", "3"]
-        result = run(MNIST, args, tmp_path)
-        line = one_error_line(result)
-        assert "space" in line and "--resume" in line, line
+        result = helpers.run(MNIST, args, tmp_path)
+        helpers.assert_one_line_error(result, MNIST.name, "space", "--resume")
         output_dir = mount_point / "run"
         assert not (output_dir / "metrics.json").exists()
         assert (output_dir / "backup" / "training_metadata.json").exists()
@@ -168,7 +142,7 @@ def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
 
         # Space freed, the same command with --resume goes on from the last finished epoch.
         filler.unlink()
-        resumed = run(MNIST, [*args, "--resume"], tmp_path)
+        resumed = helpers.run(MNIST, [*args, "--resume"], tmp_path)
         assert resumed.returncode == 0, describe(resumed)
         assert "Epoch 1/3" not in resumed.stdout
         assert epochs_logged(output_dir) == ["0", "1", "2"]
@@ -178,34 +152,33 @@ def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
 # Runs a script with one function replaced by one that fails as a full disk does.
 FAILING_WRITE = textwrap.dedent(
     """
-    import errno, sys
-    sys.path.insert(0, sys.argv[1])
-    script, what = sys.argv[2], sys.argv[3]
-    module = __import__(script.removesuffix(".py"))  # first: it starts TensorFlow quietly
+    import errno, pathlib, sys
+    script, what = pathlib.Path(sys.argv[1]), sys.argv[2]
+    module = __import__(script.stem)  # first: it starts TensorFlow quietly
     from siamese_support import run_folder
 
     def failing(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
 
     setattr(run_folder, what, failing)
-    sys.exit(module.main(sys.argv[4:]))
+    sys.exit(module.main(sys.argv[3:]))
     """
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
 def test_a_failed_save_keeps_the_trained_run_resumable(tmp_path, script, pairs):
     base = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
     args = [*base, "--epochs", "2"]
-    failed = run(script, [script.name, "save_model", *args], tmp_path, python_code=FAILING_WRITE)
-    line = one_error_line(failed)
-    assert "No space left on device" in line and "--resume" in line, line
+    failed = helpers.run(script, ["save_model", *args], tmp_path, python_code=FAILING_WRITE)
+    helpers.assert_one_line_error(failed, script.name, "No space left on device", "--resume")
     output_dir = tmp_path / "run"
     assert not (output_dir / "metrics.json").exists()
     # The finished training is kept until every output is written.
     assert (output_dir / "backup" / "training_metadata.json").exists()
 
-    resumed = run(script, [*args, "--resume"], tmp_path)
+    resumed = helpers.run(script, [*args, "--resume"], tmp_path)
     assert resumed.returncode == 0, describe(resumed)
     assert "Epoch 1/2" not in resumed.stdout and "Epoch 2/2" not in resumed.stdout
     assert epochs_logged(output_dir) == ["0", "1"]
@@ -213,18 +186,18 @@ def test_a_failed_save_keeps_the_trained_run_resumable(tmp_path, script, pairs):
     assert not (output_dir / "backup").exists()
 
 
+@pytest.mark.slow
 def test_a_read_only_output_folder_is_one_line(tmp_path):
     if os.geteuid() == 0:
         disk = small_file_system(tmp_path / "disk", 1)
         with disk as mount_point:
             subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
-            result = run(MNIST, [*MNIST_RUN[:-1], mount_point / "run"], tmp_path)
+            result = helpers.run(MNIST, [*MNIST_RUN[:-1], mount_point / "run"], tmp_path)
     else:
         folder = tmp_path / "locked"
         folder.mkdir(mode=0o500)
-        result = run(MNIST, [*MNIST_RUN[:-1], folder / "run"], tmp_path)
-    line = one_error_line(result)
-    assert "cannot be written" in line, line
+        result = helpers.run(MNIST, [*MNIST_RUN[:-1], folder / "run"], tmp_path)
+    helpers.assert_one_line_error(result, MNIST.name, "cannot be written")
 
 
 # ---------------------------------------------------------------------------
@@ -232,19 +205,19 @@ def test_a_read_only_output_folder_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, script, pairs):
     base = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
     args = [*base, "--epochs", "4"]
-    process = start(script, args, tmp_path)
+    process = helpers.start(script, args, tmp_path)
     wait_for(tmp_path / "run" / "backup" / "training_metadata.json", process)
     process.send_signal(signal.SIGTERM)
-    stopped = finish(process)
-    line = one_error_line(stopped, code=143)
-    assert "terminated" in line and "--resume" in line, line
+    stopped = helpers.finish(process)
+    helpers.assert_one_line_error(stopped, script.name, "terminated", "--resume", code=143)
     assert not (tmp_path / "run" / "metrics.json").exists()
 
-    resumed = run(script, [*args, "--resume"], tmp_path)
+    resumed = helpers.run(script, [*args, "--resume"], tmp_path)
     assert resumed.returncode == 0, describe(resumed)
     assert "Epoch 1/4" not in resumed.stdout
     assert epochs_logged(tmp_path / "run") == ["0", "1", "2", "3"]
@@ -265,6 +238,7 @@ def test_sigterm_during_a_backup_is_delivered_after_it():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mnist_as_fractions_trains_as_the_uint8_file_does(tmp_path):
     with np.load(FIXTURE) as archive:
         arrays = {name: archive[name] for name in archive.files}
@@ -272,8 +246,8 @@ def test_mnist_as_fractions_trains_as_the_uint8_file_does(tmp_path):
         arrays[name] = arrays[name] / 255.0
     np.savez(tmp_path / "fractions.npz", **arrays)
     small = ["--limit", "600", "--epochs", "1", "--no-plots"]
-    uint8_run = run(MNIST, ["--data", FIXTURE, *small, "--output-dir", "a"], tmp_path)
-    fraction_run = run(
+    uint8_run = helpers.run(MNIST, ["--data", FIXTURE, *small, "--output-dir", "a"], tmp_path)
+    fraction_run = helpers.run(
         MNIST, ["--data", tmp_path / "fractions.npz", *small, "--output-dir", "b"], tmp_path
     )
     assert uint8_run.returncode == 0 and fraction_run.returncode == 0, describe(fraction_run)
@@ -282,6 +256,7 @@ def test_mnist_as_fractions_trains_as_the_uint8_file_does(tmp_path):
     assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_mnist_with_a_nan_exits_2_naming_the_array(tmp_path):
     with np.load(FIXTURE) as archive:
         arrays = {name: archive[name] for name in archive.files}
@@ -289,11 +264,12 @@ def test_mnist_with_a_nan_exits_2_naming_the_array(tmp_path):
     arrays["x_train"] = arrays["x_train"] / 255.0
     arrays["x_train"][10, 5, 5] = np.nan
     np.savez(tmp_path / "nan.npz", **arrays)
-    result = run(MNIST, ["--data", tmp_path / "nan.npz", "--output-dir", "run"], tmp_path)
-    assert "x_train holds NaN or infinite values" in one_error_line(result)
+    result = helpers.run(MNIST, ["--data", tmp_path / "nan.npz", "--output-dir", "run"], tmp_path)
+    helpers.assert_one_line_error(result, MNIST.name, "x_train holds NaN or infinite values")
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_folders_as_people_have_them(tmp_path, pairs):
     data = tmp_path / "data"
     shutil.copytree(pairs, data)
@@ -306,7 +282,7 @@ def test_folders_as_people_have_them(tmp_path, pairs):
         (data / "left" / "00001.jpg").read_bytes()
     )
     (data / "left" / "00003.jpg").write_bytes(b"")  # an empty file: an unreadable image
-    result = run(TRIPLET, ["--data-dir", data, *TRIPLET_RUN, "--epochs", "1"], tmp_path)
+    result = helpers.run(TRIPLET, ["--data-dir", data, *TRIPLET_RUN, "--epochs", "1"], tmp_path)
     assert result.returncode == 0, describe(result)
     assert "Traceback" not in result.stderr
     assert "Ignored 5 entries that are not images" in result.stdout, result.stdout

@@ -8,47 +8,19 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import helpers
 import numpy as np
 import pytest
+from helpers import TRIPLET, describe
 from PIL import Image
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "triplet_totally_looks_like.py"
+import triplet_totally_looks_like as tll
+from siamese_support import stores, synthetic
+from triplet_totally_looks_like import keras
+
 PROG = "triplet_totally_looks_like.py"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import triplet_totally_looks_like as tll  # noqa: E402
-from siamese_support import stores, synthetic  # noqa: E402
-from triplet_totally_looks_like import keras  # noqa: E402
-
-
-def _start(args, cwd):
-    # Default signal handling: a test interrupts the script, not the shell the suite runs in.
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), *[str(arg) for arg in args]],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=helpers.default_signal_handling,
-    )
-
-
-def _run(args, cwd, timeout=300):
-    process = _start(args, cwd)
-    stdout, stderr = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def _error_lines(stderr):
-    """stderr without the per-file warnings."""
-    return [line for line in stderr.splitlines() if not line.startswith("warning: ")]
 
 
 # ---------------------------------------------------------------------------
@@ -60,12 +32,13 @@ def _error_lines(stderr):
 def dry_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("dry_run")
     start = time.perf_counter()
-    result = _run(["--dry-run"], cwd)
+    result = helpers.run(TRIPLET, ["--dry-run"], cwd)
     seconds = time.perf_counter() - start
     output_dir = cwd / "runs" / "triplet_totally_looks_like_dry_run"
     return result, output_dir, seconds
 
 
+@pytest.mark.slow
 def test_dry_run_succeeds_quietly_and_quickly(dry_run):
     result, _, seconds = dry_run
     assert result.returncode == 0, result.stderr
@@ -79,6 +52,7 @@ def test_dry_run_succeeds_quietly_and_quickly(dry_run):
     assert seconds < 120
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_output(dry_run):
     _, output_dir, _ = dry_run
     expected = {
@@ -141,6 +115,7 @@ def test_dry_run_writes_every_output(dry_run):
     assert metrics["validation_pairs"] == 10 and metrics["skipped_pairs"] == []
 
 
+@pytest.mark.slow
 def test_dry_run_model_reloads_and_gives_the_same_embeddings(dry_run, tmp_path):
     _, output_dir, _ = dry_run
     # This process never built the model: only `import triplet_totally_looks_like`
@@ -178,9 +153,8 @@ def test_dry_run_model_reloads_and_gives_the_same_embeddings(dry_run, tmp_path):
 # The script run as `python triplet_totally_looks_like.py ...`, reporting afterwards whether
 # TensorFlow or Keras had been imported when the command line answered.
 BEFORE_TENSORFLOW = """
-import os, runpy, sys
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python SCRIPT` puts it first
+import runpy, sys
+sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
@@ -198,14 +172,8 @@ finally:
     ],
 )
 def test_help_and_mistakes_answer_before_tensorflow_is_imported(tmp_path, args, code, expected):
-    result = subprocess.run(
-        [sys.executable, "-c", BEFORE_TENSORFLOW, str(SCRIPT), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == code, result.stderr
+    result = helpers.run(TRIPLET, args, tmp_path, python_code=BEFORE_TENSORFLOW, timeout=120)
+    assert result.returncode == code, describe(result)
     assert expected in result.stdout + result.stderr
     assert result.stderr.splitlines()[-1] == "imported: nothing"
 
@@ -331,26 +299,21 @@ def bad_input_results(tmp_path_factory):
         args = [arg.format(**folders) if arg.startswith("{") else arg for arg in args]
         if "--output-dir" not in args:
             args += ["--output-dir", f"out_{name}"]
-        return name, _run(args, root, timeout=300)
+        return name, helpers.run(TRIPLET, args, root)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
         results = dict(pool.map(run_case, BAD_INPUT_CASES.items()))
     return root, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUT_CASES))
 def test_bad_input_is_one_clear_line_with_exit_code_2(bad_input_results, case):
     _, results = bad_input_results
-    result = results[case]
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = _error_lines(result.stderr)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"{PROG}: error: ")
-    for fragment in BAD_INPUT_CASES[case][1]:
-        assert fragment in lines[0], lines[0]
+    helpers.assert_one_line_error(results[case], PROG, *BAD_INPUT_CASES[case][1], warnings=True)
 
 
+@pytest.mark.slow
 def test_bad_input_leaves_finished_run_and_names_unreadable_files(bad_input_results):
     root, results = bad_input_results
     assert (root / "finished" / "metrics.json").read_text() == json.dumps({"dry_run": False})
@@ -395,6 +358,7 @@ def _make_odd_folder(root):
     return folder
 
 
+@pytest.mark.slow
 def test_odd_files_train_corrupt_pairs_are_skipped_and_ctrl_c_resumes(tmp_path):
     folder = _make_odd_folder(tmp_path)
     args = [
@@ -416,27 +380,27 @@ def test_odd_files_train_corrupt_pairs_are_skipped_and_ctrl_c_resumes(tmp_path):
     backup_written = output_dir / "backup" / "training_metadata.json"
 
     # First run: Ctrl-C (SIGINT) once the first epoch is backed up.
-    process = _start(args, tmp_path)
+    process = helpers.start(TRIPLET, args, tmp_path)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         if backup_written.exists():
             process.send_signal(signal.SIGINT)
             break
         time.sleep(0.05)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, (stdout, stderr)
-    assert "Traceback" not in stderr
-    assert f"{PROG}: interrupted:" in stderr and "--resume" in stderr
+    stopped = helpers.finish(process, 120)
+    line = helpers.assert_one_line_error(stopped, PROG, "--resume", code=130, warnings=True)
+    assert line.startswith(f"{PROG}: interrupted:"), line
     for name in ("left/00008.jpg", "right/00009.jpg"):
-        assert f"{folder / name} is not a readable image" in stderr
-    assert "Skipped 2 pairs" in stdout
-    assert "26 image pairs" in stdout and "19 training pairs, 5 validation pairs" in stdout
+        assert f"{folder / name} is not a readable image" in stopped.stderr
+    assert "Skipped 2 pairs" in stopped.stdout
+    assert "26 image pairs" in stopped.stdout
+    assert "19 training pairs, 5 validation pairs" in stopped.stdout
     assert (output_dir / "backup").is_dir()
     assert not (output_dir / "metrics.json").exists()
 
     # With --resume it continues from the last finished epoch and ends with 4 epochs.
-    resumed = _run([*args, "--resume"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = helpers.run(TRIPLET, [*args, "--resume"], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
     assert "Traceback" not in resumed.stderr
     assert "Epoch 1/4" not in resumed.stdout
     assert "Epoch 4/4" in resumed.stdout

@@ -7,21 +7,16 @@ command line on real images (MNIST digits in the Totally Looks Like layout).
 """
 
 import json
-import pathlib
-import subprocess
-import sys
 import textwrap
 
+import helpers
 import numpy as np
 import pytest
+from helpers import TOOLS, TRIPLET, describe
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import triplet_totally_looks_like as tll  # noqa: E402
-from siamese_support import command_line, mining, real_pairs  # noqa: E402
-from triplet_totally_looks_like import keras, ops, tf  # noqa: E402
+import triplet_totally_looks_like as tll
+from siamese_support import command_line, mining, real_pairs
+from triplet_totally_looks_like import keras, ops, tf
 
 MARGIN = 0.5
 
@@ -249,13 +244,12 @@ def test_an_xla_compiled_mining_step_gives_the_same_loss():
 # over the whole batch (which must differ, or the check would prove nothing).
 MIRRORED_MINING = textwrap.dedent(
     """
-    import json, sys
+    import json
     import numpy as np
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    sys.path.insert(0, sys.argv[1])
     import triplet_totally_looks_like as tll
     from triplet_totally_looks_like import keras, ops
     from siamese_support import devices, mining
@@ -294,14 +288,10 @@ MIRRORED_MINING = textwrap.dedent(
 )
 
 
-def test_under_mirrored_strategy_each_replica_mines_in_its_own_share():
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_MINING, str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.slow
+def test_under_mirrored_strategy_each_replica_mines_in_its_own_share(tmp_path):
+    result = helpers.run(TRIPLET, [], tmp_path, python_code=MIRRORED_MINING)
+    assert result.returncode == 0, describe(result)
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
     results = json.loads(line.removeprefix("RESULTS "))
     assert results["line"] == "Device: CPU, MirroredStrategy over 2 replicas"
@@ -319,7 +309,6 @@ def test_the_choices_are_the_command_lines():
     assert mining.MINED_NEGATIVES == ("semi-hard", "hard")
     parser = command_line.triplet_parser(tll.PARSER_DEFAULTS)
     assert parser.parse_args([]).negatives == "random"
-    assert parser.parse_args(["--negatives", "hard"]).negatives == "hard"
     with pytest.raises(ValueError, match="negatives must be one of"):
         _dense_siamese_model("hardest")
 
@@ -378,13 +367,8 @@ def test_the_real_set_has_the_totally_looks_like_layout_and_its_licence(tmp_path
 
 def test_the_tool_refuses_a_folder_that_holds_pairs(tmp_path):
     (tmp_path / "left").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_real_tll.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
+    result = helpers.run(TOOLS / "make_real_tll.py", [tmp_path], tmp_path, timeout=60)
+    assert result.returncode == 2, describe(result)
     assert "already holds left/ or right/" in result.stderr.splitlines()[-1]
 
 
@@ -399,11 +383,15 @@ def real_pairs_dir(tmp_path_factory):
 
 
 # `random` trains too, for five epochs, in the last test.
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["semi-hard", "hard"])
-def test_each_mining_mode_trains_an_epoch_on_real_images(tmp_path, real_pairs_dir, strategy):
-    arguments = ["--data-dir", str(real_pairs_dir), "--image-size", "32", "--batch-size", "8"]
+def test_each_mining_mode_trains_an_epoch_on_real_images(
+    tmp_path, real_pairs_dir, strategy, capsys
+):
+    arguments = ["--data-dir", real_pairs_dir, "--image-size", "32", "--batch-size", "8"]
     arguments += ["--epochs", "1", "--weights", "none", "--no-plots", "--negatives", strategy]
-    assert tll.main([*arguments, "--output-dir", str(tmp_path)]) == 0
+    result = helpers.run_main(tll, [*arguments, "--output-dir", tmp_path], tmp_path, capsys)
+    assert result.returncode == 0, describe(result)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["negatives"] == strategy and metrics["epochs"] == 1
     assert metrics["training_pairs"] == 32 and metrics["cache_features"] is True
@@ -413,15 +401,17 @@ def test_each_mining_mode_trains_an_epoch_on_real_images(tmp_path, real_pairs_di
     assert np.isfinite(loss) and np.isfinite(val_loss) and val_loss > 0
 
 
-def test_training_on_real_images_raises_triplet_accuracy_on_the_validation_pairs(tmp_path):
+@pytest.mark.slow
+def test_training_on_real_images_raises_triplet_accuracy_on_the_validation_pairs(tmp_path, capsys):
     # The README's real-image set (300 pairs: 240 training, 60 validation) at 96 x 96 for
     # five epochs with the example's random negatives: measured 0.817 before, 0.883 after
     # (60 validation triplets, so 4 more right). Smaller sets or images did not learn
     # reliably from a random trunk (see the README).
     data_dir = real_pairs.make_real_dataset(tmp_path / "real300", pairs=300, seed=0)
-    arguments = ["--data-dir", str(data_dir), "--image-size", "96", "--batch-size", "16"]
+    arguments = ["--data-dir", data_dir, "--image-size", "96", "--batch-size", "16"]
     arguments += ["--epochs", "5", "--weights", "none", "--no-plots", "--negatives", "random"]
-    assert tll.main([*arguments, "--output-dir", str(tmp_path / "run")]) == 0
+    result = helpers.run_main(tll, [*arguments, "--output-dir", "run"], tmp_path, capsys)
+    assert result.returncode == 0, describe(result)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["validation_pairs"] == 60 and metrics["negatives"] == "random"
     assert metrics["triplet_accuracy"] > metrics["triplet_accuracy_before"], metrics

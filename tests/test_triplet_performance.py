@@ -4,21 +4,16 @@ precision, XLA and tf.distribute, each checked against the plain path on CPU."""
 import csv
 import functools
 import json
-import pathlib
-import subprocess
-import sys
 import textwrap
 
+import helpers
 import numpy as np
 import pytest
+from helpers import TRIPLET, describe
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import triplet_totally_looks_like as tll  # noqa: E402
-from siamese_support import command_line, image_folders, run_folder, stores, synthetic  # noqa: E402
-from triplet_totally_looks_like import keras, ops, tf  # noqa: E402
+import triplet_totally_looks_like as tll
+from siamese_support import image_folders, run_folder, stores, synthetic
+from triplet_totally_looks_like import keras, ops, tf
 
 SIZE = 64  # conv5_block1_out is 2 x 2 x 2048 here: small, but more than one position
 
@@ -103,20 +98,6 @@ def test_store_batches_run_without_autotuning():
     dataset = stores.make_store_dataset(np.zeros((80, 8), np.float32), indices, 8)
     assert dataset.options().autotune.enabled is False
     assert indices.options().autotune.enabled is not False
-    # Turning autotuning off changes neither the batches nor their order.
-    store = np.arange(80 * 8, dtype=np.float32).reshape(80, 8)
-    untuned = stores.make_store_dataset(store, indices, 8)
-    tuned = untuned.with_options(_autotuned())
-    assert tuned.options().autotune.enabled is True
-    for first, second in zip(untuned, tuned, strict=True):
-        for left, right in zip(first, second, strict=True):
-            np.testing.assert_array_equal(left.numpy(), right.numpy())
-
-
-def _autotuned():
-    options = tf.data.Options()
-    options.autotune.enabled = True
-    return options
 
 
 # ---------------------------------------------------------------------------
@@ -170,6 +151,7 @@ def _gradient_differences(weights, gradients, other_gradients):
     return relative, vanishing
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_same_loss_and_gradients(image_files):
     keras.utils.set_random_seed(0)
     embedding = tll.build_embedding_network((SIZE, SIZE), weights=None)
@@ -204,15 +186,13 @@ def test_cached_features_give_the_same_loss_and_gradients(image_files):
     assert relative[worst] <= GRADIENT_BOUND, (worst, relative[worst])
 
 
-def _run_script(arguments):
-    assert tll.main(arguments) == 0
-
-
-def test_training_on_cached_features_matches_training_on_images(tmp_path, pairs_dir):
-    common = ["--data-dir", str(pairs_dir), "--image-size", "32", "--batch-size", "4"]
+@pytest.mark.slow
+def test_training_on_cached_features_matches_training_on_images(tmp_path, pairs_dir, capsys):
+    common = ["--data-dir", pairs_dir, "--image-size", "32", "--batch-size", "4"]
     common += ["--epochs", "2", "--weights", "none", "--no-plots", "--seed", "5"]
-    _run_script([*common, "--output-dir", str(tmp_path / "cached")])
-    _run_script([*common, "--output-dir", str(tmp_path / "images"), "--no-cache-features"])
+    for extra in (["--output-dir", "cached"], ["--output-dir", "images", "--no-cache-features"]):
+        result = helpers.run_main(tll, [*common, *extra], tmp_path, capsys)
+        assert result.returncode == 0, describe(result)
     cached = json.loads((tmp_path / "cached" / "metrics.json").read_text())
     images = json.loads((tmp_path / "images" / "metrics.json").read_text())
     assert cached["cache_features"] is True and images["cache_features"] is False
@@ -241,6 +221,7 @@ def test_training_on_cached_features_matches_training_on_images(tmp_path, pairs_
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mixed_precision_computes_in_float16_and_keeps_distances_and_loss_in_float32(
     mixed_precision, image_files
 ):
@@ -278,10 +259,12 @@ def test_mixed_precision_computes_in_float16_and_keeps_distances_and_loss_in_flo
     assert all(weight.dtype == "float32" for weight in tail.trainable_weights)
 
 
-def test_the_mixed_precision_flag_sets_the_policy_for_the_run_only(tmp_path, pairs_dir):
-    arguments = ["--data-dir", str(pairs_dir), "--image-size", "32", "--batch-size", "4"]
+@pytest.mark.slow
+def test_the_mixed_precision_flag_sets_the_policy_for_the_run_only(tmp_path, pairs_dir, capsys):
+    arguments = ["--data-dir", pairs_dir, "--image-size", "32", "--batch-size", "4"]
     arguments += ["--epochs", "1", "--weights", "none", "--no-plots", "--mixed-precision"]
-    _run_script([*arguments, "--output-dir", str(tmp_path)])
+    result = helpers.run_main(tll, [*arguments, "--output-dir", tmp_path], tmp_path, capsys)
+    assert result.returncode == 0, describe(result)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["mixed_precision"] is True
     saved = keras.saving.load_model(tmp_path / "embedding.keras")
@@ -289,16 +272,7 @@ def test_the_mixed_precision_flag_sets_the_policy_for_the_run_only(tmp_path, pai
     assert keras.mixed_precision.dtype_policy().name == "float32"
 
 
-def test_mixed_precision_and_xla_flags_are_read_and_default_to_unset():
-    # Unset, the script decides: mixed precision with a GPU (checked on a run's metrics in
-    # test_training_on_cached_features_matches_training_on_images), XLA as Keras decides.
-    parser = command_line.triplet_parser(tll.PARSER_DEFAULTS)
-    args = parser.parse_args(["--dry-run"])
-    assert args.mixed_precision is None and args.jit_compile is None
-    args = parser.parse_args(["--no-mixed-precision", "--jit-compile"])
-    assert args.mixed_precision is False and args.jit_compile is True
-
-
+@pytest.mark.slow
 def test_an_xla_compiled_step_gives_the_same_loss(image_files):
     losses = []
     for jit_compile in (False, True):
@@ -336,7 +310,6 @@ import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-sys.path.insert(0, sys.argv[1])
 import triplet_totally_looks_like as tll
 from triplet_totally_looks_like import keras
 from siamese_support import devices
@@ -371,20 +344,11 @@ ONE_STEP_RUNNER = SPLIT_CPU + textwrap.dedent(
 SCRIPT_RUNNER = SPLIT_CPU + "sys.exit(tll.main(sys.argv[2:]))\n"
 
 
-def _python(code, *arguments):
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(REPO), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def test_mirrored_training_step_averages_the_loss_over_the_global_batch():
-    output = _python(ONE_STEP_RUNNER)
-    line = next(line for line in output.splitlines() if line.startswith("RESULTS "))
+@pytest.mark.slow
+def test_mirrored_training_step_averages_the_loss_over_the_global_batch(tmp_path):
+    result = helpers.run(TRIPLET, [], tmp_path, python_code=ONE_STEP_RUNNER)
+    assert result.returncode == 0, describe(result)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
     results = json.loads(line.removeprefix("RESULTS "))
     assert results["none"]["line"] == "Device: CPU"
     assert results["mirrored"]["line"] == "Device: CPU, MirroredStrategy over 2 replicas"
@@ -394,22 +358,23 @@ def test_mirrored_training_step_averages_the_loss_over_the_global_batch():
         np.testing.assert_allclose(mirrored, single, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_script_under_mirrored_strategy_gives_losses_close_to_one_device(tmp_path):
     # Pairs that barely look alike, so that many triplets violate the margin and the loss
     # is well above zero; 32 training pairs make two batches of 16, 8 per replica.
     pairs_dir = synthetic.make_synthetic_dataset(
         tmp_path / "pairs", pairs=40, image_size=48, seed=3, jitter=8.0
     )
-    arguments = ["--data-dir", str(pairs_dir), "--image-size", "32", "--batch-size", "16"]
+    arguments = ["--data-dir", pairs_dir, "--image-size", "32", "--batch-size", "16"]
     arguments += ["--epochs", "1", "--weights", "none", "--no-plots"]
     rows = {}
     for name in ("none", "mirrored"):
         output_dir = tmp_path / name
-        stdout = _python(
-            SCRIPT_RUNNER, *arguments, "--output-dir", str(output_dir), "--distribute", name
-        )
+        args = [*arguments, "--output-dir", output_dir, "--distribute", name]
+        result = helpers.run(TRIPLET, args, tmp_path, python_code=SCRIPT_RUNNER, timeout=600)
+        assert result.returncode == 0, describe(result)
         metrics = json.loads((output_dir / "metrics.json").read_text())
-        assert metrics["replicas"] == (2 if name == "mirrored" else 1), stdout
+        assert metrics["replicas"] == (2 if name == "mirrored" else 1), result.stdout
         with open(output_dir / "history.csv", newline="") as stream:
             rows[name] = list(csv.DictReader(stream))
     assert len(rows["none"]) == len(rows["mirrored"]) == 1
@@ -432,12 +397,11 @@ def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path, pairs_dir
     earlier = {"image_size": 48, "batch_size": 4, "margin": 0.5, "learning_rate": 0.0001}
     earlier |= {"weights": None, "cache_features": False, "mixed_precision": False}
     (tmp_path / "settings.json").write_text(json.dumps(earlier))
-    arguments = ["--data-dir", str(pairs_dir), "--image-size", "32", "--batch-size", "4"]
-    arguments += ["--weights", "none", "--no-plots", "--resume", "--output-dir", str(tmp_path)]
-    assert tll.main(arguments) == 2
-    error = capsys.readouterr().err
-    assert len(error.strip().splitlines()) == 1
-    assert "--image-size 48 -> 32" in error and "--cache-features False -> True" in error
+    arguments = ["--data-dir", pairs_dir, "--image-size", "32", "--batch-size", "4"]
+    arguments += ["--weights", "none", "--no-plots", "--resume", "--output-dir", tmp_path]
+    result = helpers.run_main(tll, arguments, tmp_path, capsys)
+    hints = ("--image-size 48 -> 32", "--cache-features False -> True")
+    helpers.assert_one_line_error(result, "triplet_totally_looks_like.py", *hints)
     assert (tmp_path / "backup").exists()
 
 

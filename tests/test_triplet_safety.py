@@ -5,17 +5,15 @@ import os
 import pathlib
 import signal
 import stat
-import sys
 import zipfile
 
+import helpers
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import triplet_totally_looks_like as tll
+from siamese_support import command_line, downloads, image_folders, run_folder, synthetic
 
-import triplet_totally_looks_like as tll  # noqa: E402
-from siamese_support import command_line, downloads, image_folders, run_folder, synthetic  # noqa: E402
+PROG = "triplet_totally_looks_like.py"
 
 
 def _leftovers(folder):
@@ -114,12 +112,6 @@ def offline_cache(tmp_path, monkeypatch):
     return cache
 
 
-def _run_main(capsys, args):
-    code = tll.main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_dataset_download_failure_is_one_line_naming_the_offline_options(
     tmp_path, offline_cache, monkeypatch, capsys
 ):
@@ -129,14 +121,10 @@ def test_dataset_download_failure_is_one_line_naming_the_offline_options(
         raise ConnectionError("Failed to resolve 'drive.google.com'")
 
     monkeypatch.setattr(gdown, "download", offline)
-    code, out, err = _run_main(capsys, ["--output-dir", tmp_path / "out"])
-    assert code == 2
-    assert out.splitlines()[0].startswith("Device: ")
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("triplet_totally_looks_like.py: error: could not download left.zip")
-    assert "--data-dir" in lines[0] and "--dry-run" in lines[0]
-    assert "Traceback" not in err
+    result = helpers.run_main(tll, ["--output-dir", tmp_path / "out"], tmp_path, capsys)
+    line = helpers.assert_one_line_error(result, PROG, "--data-dir", "--dry-run")
+    assert line.startswith(f"{PROG}: error: could not download left.zip"), line
+    assert result.stdout.splitlines()[0].startswith("Device: ")
     # Nothing half-downloaded is left to be mistaken for the real file.
     assert sorted(path.name for path in offline_cache.iterdir()) == []
     assert not (tmp_path / "out").exists()
@@ -160,10 +148,8 @@ def test_downloaded_crafted_zip_stops_the_run(tmp_path, offline_cache, monkeypat
         return output
 
     monkeypatch.setattr(gdown, "download", serve_crafted_zip)
-    code, _, err = _run_main(capsys, ["--output-dir", tmp_path / "out"])
-    assert code == 2
-    assert "refusing to extract member '../../escape.txt'" in err
-    assert "Traceback" not in err
+    result = helpers.run_main(tll, ["--output-dir", tmp_path / "out"], tmp_path, capsys)
+    helpers.assert_one_line_error(result, PROG, "refusing to extract member '../../escape.txt'")
     assert not list(tmp_path.rglob("escape.txt"))
     # The complete zip was kept, but no folder was extracted from it.
     assert sorted(path.name for path in offline_cache.iterdir()) == ["left.zip"]
@@ -249,14 +235,6 @@ def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
     assert (tmp_path / "h.csv").read_text().splitlines() == ["epoch,loss", "0,1.5"]
 
 
-def test_final_history_keeps_the_last_row_of_each_epoch(tmp_path):
-    (tmp_path / "history-progress.csv").write_text(
-        "epoch,loss,val_loss\n0,3,3\n1,2,2\n1,1.5,1.8\n2,1,1\n"
-    )
-    rows = run_folder.final_history(tmp_path)
-    assert [(row["epoch"], row["loss"]) for row in rows] == [("0", "3"), ("1", "1.5"), ("2", "1")]
-
-
 def test_resume_refuses_a_different_split(tmp_path, capsys):
     pairs = synthetic.make_synthetic_dataset(tmp_path / "pairs", pairs=10, image_size=32, seed=1)
     output_dir = tmp_path / "out"
@@ -266,10 +244,10 @@ def test_resume_refuses_a_different_split(tmp_path, capsys):
     split = {"train": ["00000.jpg", "00001.jpg"], "validation": ["00002.jpg", "00003.jpg"]}
     (output_dir / "split.json").write_text(json.dumps(split))
     (output_dir / "backup").mkdir()
-    code, _, err = _run_main(capsys, arguments)
-    assert code == 2
-    assert err == (
-        "triplet_totally_looks_like.py: error: the pairs or their split differ from those of "
+    result = helpers.run_main(tll, arguments, tmp_path, capsys)
+    assert result.returncode == 2, helpers.describe(result)
+    assert result.stderr == (
+        f"{PROG}: error: the pairs or their split differ from those of "
         f"the interrupted run in {output_dir} (data, --limit, --validation-split or --seed "
         "changed); rerun its exact command with --resume, or pass --overwrite to start over\n"
     )
@@ -311,6 +289,3 @@ def test_ctrl_c_during_a_backup_is_delivered_after_it(ctrl_c_raises):
             finished.append("save completed")
     assert finished == ["save completed"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    callbacks = run_folder.training_callbacks(pathlib.Path("out"))
-    names = [type(callback).__name__ for callback in callbacks]
-    assert names == ["CSVLogger", "TensorBoardLogs", "InterruptSafeBackupAndRestore", "EpochTimer"]

@@ -10,42 +10,32 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import helpers
 import pytest
-
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPOSITORY / "triplet_totally_looks_like.py"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-if str(REPOSITORY) not in sys.path:
-    sys.path.insert(0, str(REPOSITORY))
+from helpers import TOOLS, TRIPLET, describe
 
 # Imported here, before any test: the first import sets process-wide settings (environment
 # variables of TensorFlow's) that conftest.py's guard would blame on the test.
-import triplet_totally_looks_like  # noqa: E402
+import triplet_totally_looks_like
 
-
-def run(args, cwd):
-    """Run the script to its end in `cwd`."""
-    return helpers.finish(helpers.start(SCRIPT, args, cwd))
+# Every test needs the model the module trains first: all are in the slow lane.
+pytestmark = pytest.mark.slow
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """`(folder, run_dir, images)`: a dry run's folder and the 24 images it trained on."""
     folder = tmp_path_factory.mktemp("search")
-    subprocess.run(
-        [sys.executable, REPOSITORY / "tools" / "make_synthetic_tll.py", "--pairs", "12"]
-        + ["--image-size", "64", folder / "pairs"],
-        check=True,
-        capture_output=True,
+    tool = helpers.run(
+        TOOLS / "make_synthetic_tll.py", ["--pairs", 12, "--image-size", 64, "pairs"], folder
     )
+    assert tool.returncode == 0, describe(tool)
     args = ["--dry-run", "--no-plots", "--data-dir", "pairs", "--output-dir", "run"]
     args += ["--batch-size", "4"]
-    result = run(args, folder)
-    assert result.returncode == 0, helpers.describe(result)
+    result = helpers.run(TRIPLET, args, folder)
+    assert result.returncode == 0, describe(result)
     return folder, folder / "run", folder / "pairs"
 
 
@@ -68,8 +58,8 @@ def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(tra
     query = gallery / "left" / "00003.jpg"
     output = tmp_path / "found.png"
     args = ["search", query, "--gallery", gallery, "-k", "3", "--run-dir", run_dir]
-    first = run([*args, "--output", output], folder)
-    assert first.returncode == 0, helpers.describe(first)
+    first = helpers.run(TRIPLET, [*args, "--output", output], folder)
+    assert first.returncode == 0, describe(first)
     assert counts(first.stdout) == (24, 0)
     found = ranking(first.stdout)
     assert len(found) == 3
@@ -77,8 +67,8 @@ def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(tra
     assert [row[1] for row in found] == sorted(row[1] for row in found)
     assert output.read_bytes().startswith(PNG_SIGNATURE)
 
-    again = run(args, folder)
-    assert again.returncode == 0, helpers.describe(again)
+    again = helpers.run(TRIPLET, args, folder)
+    assert again.returncode == 0, describe(again)
     assert counts(again.stdout) == (0, 24)
     assert ranking(again.stdout) == found
     assert (run_dir / "search.png").read_bytes().startswith(PNG_SIGNATURE)
@@ -88,8 +78,8 @@ def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(tra
     changed = gallery / "right" / "00007.jpg"
     shutil.copyfile(query, changed)
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    rebuilt = run(args, folder)
-    assert rebuilt.returncode == 0, helpers.describe(rebuilt)
+    rebuilt = helpers.run(TRIPLET, args, folder)
+    assert rebuilt.returncode == 0, describe(rebuilt)
     assert counts(rebuilt.stdout) == (1, 23)
     assert {row[0] for row in ranking(rebuilt.stdout)[:2]} == {query, changed}
     assert ranking(rebuilt.stdout)[1][1] < 1e-3
@@ -97,20 +87,22 @@ def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(tra
     # A new model file: every image is embedded again.
     model = run_dir / "embedding.keras"
     os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
-    new_model = run(args, folder)
-    assert new_model.returncode == 0, helpers.describe(new_model)
+    new_model = helpers.run(TRIPLET, args, folder)
+    assert new_model.returncode == 0, describe(new_model)
     assert counts(new_model.stdout) == (24, 0)
 
 
 def test_compare_gives_distance_zero_for_one_image_and_more_for_two(trained):
     folder, run_dir, pairs = trained
     image = pairs / "left" / "00001.jpg"
-    same = run(["compare", image, image, "--run-dir", run_dir], folder)
-    assert same.returncode == 0, helpers.describe(same)
+    same = helpers.run(TRIPLET, ["compare", image, image, "--run-dir", run_dir], folder)
+    assert same.returncode == 0, describe(same)
     assert re.search(r"^Squared distance: 0\.0000$", same.stdout, re.M), same.stdout
     assert re.search(r"^Cosine similarity: \+1\.0000$", same.stdout, re.M), same.stdout
-    other = run(["compare", image, pairs / "left" / "00002.jpg", "--run-dir", run_dir], folder)
-    assert other.returncode == 0, helpers.describe(other)
+    other = helpers.run(
+        TRIPLET, ["compare", image, pairs / "left" / "00002.jpg", "--run-dir", run_dir], folder
+    )
+    assert other.returncode == 0, describe(other)
     assert float(re.search(r"^Squared distance: ([\d.]+)$", other.stdout, re.M)[1]) > 1e-3
 
 
@@ -153,7 +145,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
     # not reach its stderr); the others through main().
     in_own_process = case == "unreadable query"
     result = (
-        run(args, folder)
+        helpers.run(TRIPLET, args, folder)
         if in_own_process
         else helpers.run_main(triplet_totally_looks_like, args, folder, capsys)
     )

@@ -3,19 +3,16 @@
 import io
 import os
 import pathlib
-import sys
+import runpy
 
 import numpy as np
 import pytest
+from helpers import TOOLS
 from PIL import Image
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import triplet_totally_looks_like as tll  # noqa: E402
-from siamese_support import command_line, evaluation, image_folders, stores, synthetic  # noqa: E402
-from triplet_totally_looks_like import keras, resnet, tf  # noqa: E402
+import triplet_totally_looks_like as tll
+from siamese_support import command_line, evaluation, image_folders, stores, synthetic
+from triplet_totally_looks_like import keras, resnet, tf
 
 SIZE = 32  # the smallest image ResNet50 accepts keeps these tests fast
 
@@ -430,6 +427,7 @@ def _snapshot(variables):
     return [np.array(variable.numpy()) for variable in variables]
 
 
+@pytest.mark.slow
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     siamese_model, _ = _siamese_model()
     batch = _fixed_batch()
@@ -441,6 +439,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_test_step_changes_no_weight_and_batchnorm_statistics_move_in_train_step_only():
     siamese_model, embedding = _siamese_model(seed=1)
     batch = _fixed_batch(seed=1)
@@ -484,6 +483,7 @@ def test_test_step_changes_no_weight_and_batchnorm_statistics_move_in_train_step
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_weights_file_is_loaded(tmp_path):
     keras.utils.set_random_seed(11)
     source = resnet.ResNet50(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
@@ -544,11 +544,7 @@ def test_synthetic_pairs_look_alike_more_than_other_pairs(tmp_path):
 
 
 def test_make_synthetic_tll_tool(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import make_synthetic_tll
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-    assert make_synthetic_tll.main(["--pairs", "5", "--image-size", "24", str(tmp_path / "d")]) == 0
+    tool = runpy.run_path(str(TOOLS / "make_synthetic_tll.py"))  # its definitions, not its run
+    assert tool["main"](["--pairs", "5", "--image-size", "24", str(tmp_path / "d")]) == 0
     assert len(os.listdir(tmp_path / "d" / "left")) == 5
     assert len(os.listdir(tmp_path / "d" / "right")) == 5

@@ -5,11 +5,9 @@ definitions, in order, then the steps of the tutorial's flow inside `main()`, in
 """
 
 import ast
-import pathlib
 
 import pytest
-
-REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
+from helpers import MNIST, TRIPLET
 
 # The classic Keras example `examples/mnist_siamese.py`: its module-level names in the order
 # it defines them, then the steps of its flow (here in `main()`), as they read in the port.
@@ -64,14 +62,16 @@ TRIPLET_STEPS = [
     "def train_step(",
     "with tf.GradientTape() as tape:",
     "def test_step(",
+    "siamese_model.compile(",  # Training (`train`, as in mnist_siamese.py)
+    "siamese_model.fit(",
+    "Cosine similarity",  # Inspecting what the network has learned
 ]
 TRIPLET_FLOW = [
     "anchor_images, positive_images",  # the sorted file lists
     "siamese_network = build_siamese_network(",
     "siamese_model = SiameseModel(siamese_network",
-    "siamese_model.compile(",  # Training
-    "siamese_model.fit(",
-    "Cosine similarity",  # Inspecting what the network has learned
+    "train(siamese_model, ",  # Training
+    "print_similarities(",  # Inspecting what the network has learned
 ]
 
 
@@ -124,7 +124,7 @@ def flow_positions(text, steps):
 
 
 def test_mnist_definitions_follow_the_example():
-    source = (REPOSITORY / "mnist_siamese.py").read_text()
+    source = MNIST.read_text()
     lines = first_lines(top_level_names(source), MNIST_DEFINITIONS)
     assert_in_order(MNIST_DEFINITIONS, lines)
     # The tutorial's first definitions come early: a reader scrolls no set-up to reach them.
@@ -132,12 +132,12 @@ def test_mnist_definitions_follow_the_example():
 
 
 def test_mnist_main_runs_the_example_flow_in_order():
-    source = (REPOSITORY / "mnist_siamese.py").read_text()
+    source = MNIST.read_text()
     flow_positions(function_source(source, "main"), MNIST_FLOW)
 
 
 def test_triplet_definitions_follow_the_example():
-    source = (REPOSITORY / "triplet_totally_looks_like.py").read_text()
+    source = TRIPLET.read_text()
     lines = first_lines(top_level_names(source), TRIPLET_DEFINITIONS)
     assert_in_order(TRIPLET_DEFINITIONS, lines)
     assert lines[0] <= 60, lines
@@ -145,7 +145,7 @@ def test_triplet_definitions_follow_the_example():
 
 
 def test_triplet_main_runs_the_example_flow_in_order():
-    source = (REPOSITORY / "triplet_totally_looks_like.py").read_text()
+    source = TRIPLET.read_text()
     flow_positions(function_source(source, "main"), TRIPLET_FLOW)
 
 
