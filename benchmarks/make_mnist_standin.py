@@ -6,7 +6,7 @@ no two images are identical, until it holds 60,000 of them; the test set is kept
 It has the shapes, dtype and class balance of the real `mnist.npz`, which is what the
 memory and time of `mnist_siamese.py` depend on, not its accuracy.
 
-    python benchmarks/make_mnist_standin.py ../shared/data/mnist-partial.npz /tmp/mnist-60k.npz
+    python benchmarks/make_mnist_standin.py /tmp/mnist-22699.npz /tmp/mnist-60k.npz
 """
 
 import argparse

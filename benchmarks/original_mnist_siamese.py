@@ -5,8 +5,10 @@
     python -m venv --system-site-packages /tmp/venv-legacy
     /tmp/venv-legacy/bin/pip install --no-deps "tf_keras==$(python -c \\
         'import tensorflow; print(tensorflow.__version__)')"
+    # the first 22,699 training images and the test set, from Keras's downloaded MNIST
+    python tools/make_mnist_fixture.py --output /tmp/mnist-22699.npz --train 22699 --test 10000
     python benchmarks/timed.py --runs 3 -- /tmp/venv-legacy/bin/python \\
-        benchmarks/original_mnist_siamese.py --data ../shared/data/mnist-partial.npz
+        benchmarks/original_mnist_siamese.py --data /tmp/mnist-22699.npz
 
 This is not the original file: it re-creates, in the project's own code, what the original
 does that costs time and memory, so that both can be measured on the same machine. Pairs

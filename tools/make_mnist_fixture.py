@@ -1,10 +1,11 @@
 """Build the small real-MNIST fixture that `mnist_siamese.py --dry-run` and the tests use.
 
-The fixture is cut from the shared copy of MNIST (`../shared/data/mnist-partial.npz`, the
-layout of Keras's `mnist.npz`). It keeps the first images of each split in their official
-order, so every digit class is present. The arrays go into a zip with LZMA compression,
-which `numpy.load` reads like any `.npz` and which holds about 15 % more digits in the
-1 MB the fixture may take than `numpy.savez_compressed` would.
+The fixture is cut from a copy of MNIST in the layout of Keras's `mnist.npz` (by default the
+one `keras.datasets.mnist.load_data()` keeps in `~/.keras/datasets/`). It keeps the first
+images of each split in their official order, so every digit class is present. The arrays
+go into a zip with LZMA compression, which `numpy.load` reads like any `.npz` and which
+holds about 15 % more digits in the 1 MB the fixture may take than `numpy.savez_compressed`
+would.
 
     python tools/make_mnist_fixture.py                       # writes data/mnist-tiny.npz
     python tools/make_mnist_fixture.py --train 5000 --test 1000 --source PATH --output PATH
@@ -22,7 +23,7 @@ import zipfile
 import numpy as np
 
 REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPOSITORY.parent / "shared" / "data" / "mnist-partial.npz"
+DEFAULT_SOURCE = pathlib.Path.home() / ".keras" / "datasets" / "mnist.npz"
 DEFAULT_OUTPUT = REPOSITORY / "data" / "mnist-tiny.npz"
 
 
@@ -56,7 +57,10 @@ def main(argv=None):
     parser.add_argument("--test", type=int, default=1000, help="test images")
     args = parser.parse_args(argv)
     if not args.source.is_file():
-        parser.error(f"{args.source} not found: it lies in shared/data next to the clone")
+        parser.error(
+            f"{args.source} not found: give --source, or download MNIST once with "
+            "python -c 'import keras; keras.datasets.mnist.load_data()'"
+        )
     arrays = make_fixture(args.source, args.output, args.train, args.test)
     digest = hashlib.sha256(args.output.read_bytes()).hexdigest()
     print(
