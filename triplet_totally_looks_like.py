@@ -162,16 +162,6 @@ def split_pairs(pair_count, validation_split=validation_split, seed=seed):
     return np.sort(order[:train_count]), np.sort(order[train_count:])
 
 
-def split_files(anchor_images, positive_images, validation_split=validation_split, seed=seed):
-    """The training pairs' anchors and positives, then the validation pairs' (`split_pairs`)."""
-    train_pairs, val_pairs = split_pairs(len(anchor_images), validation_split, seed)
-    return [
-        [images[i] for i in pairs]
-        for pairs in (train_pairs, val_pairs)
-        for images in (anchor_images, positive_images)
-    ]
-
-
 def choose_negatives(pair_count, rng):
     """For pair i, the index of a negative image in `anchors + positives`, never of pair i.
 
@@ -187,6 +177,21 @@ def choose_negatives(pair_count, rng):
     other_pair += other_pair >= np.arange(pair_count)
     side = rng.integers(0, 2, size=pair_count)
     return other_pair + side * pair_count
+
+
+def prepare_pairs(data_dir, limit=None, validation_split=validation_split, seed=seed):
+    """The example's sorted file lists, split once (`split_pairs`), with validation negatives:
+    `(train anchors, positives)`, `(val anchors, positives, negatives)`, the pairs skipped."""
+    anchor_images, positive_images, skipped = image_folders.load_pairs(
+        data_dir, limit, decode_image
+    )
+    train_pairs, val_pairs = split_pairs(len(anchor_images), validation_split, seed)
+    train, val = (
+        [[files[i] for i in pairs] for files in (anchor_images, positive_images)]
+        for pairs in (train_pairs, val_pairs)
+    )
+    print(f"{len(train_pairs)} training pairs, {len(val_pairs)} validation pairs", flush=True)
+    return train, (*val, choose_negatives(len(val_pairs), seed)), skipped
 
 
 def training_triplet_indices(pair_count, seed=seed):
@@ -544,17 +549,12 @@ def main(argv=None):
         data_dir = load_dataset(args.data_dir, args.dry_run, args.seed, run.temporary_folder)
 
         # Prepare the data: the sorted file lists, split once; fixed validation negatives.
-        anchor_images, positive_images, skipped = image_folders.load_pairs(
-            data_dir, args.limit, decode_image
+        (train_anchors, train_positives), validation, skipped = prepare_pairs(
+            data_dir, args.limit, args.validation_split, args.seed
         )
-        train_anchors, train_positives, val_anchors, val_positives = split_files(
-            anchor_images, positive_images, args.validation_split, args.seed
-        )
+        val_anchors, val_positives, val_negatives = validation
         args.replicas = strategy.num_replicas_in_sync
         mining.check_batch_size(batch_size, len(train_anchors), args.negatives, args.replicas)
-        val_negatives = choose_negatives(len(val_anchors), args.seed)
-        pairs = f"{len(train_anchors)} training pairs, {len(val_anchors)} validation pairs"
-        print(pairs, flush=True)
         settings = {name: getattr(args, name) for name in RUN_SETTINGS}
         output_dir = run.start((train_anchors, val_anchors), settings, RESUMED_SETTINGS)
         if not args.no_plots:
@@ -581,8 +581,7 @@ def main(argv=None):
         print_similarities(val_anchors, after)
 
         # The port's extras: similarities, plots, the model, history and metrics.json, last.
-        triplets = (val_anchors, val_positives, val_negatives)
-        run.write_csv(evaluation.similarity_rows(*triplets, data_dir, after), "similarities.csv")
+        run.write_csv(evaluation.similarity_rows(*validation, data_dir, after), "similarities.csv")
         if not args.no_plots:
             load_image = functools.partial(preprocess_image, image_size=image_size)
             figures = (before, after, val_anchors, val_positives, load_image)

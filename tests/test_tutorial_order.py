@@ -52,6 +52,7 @@ TRIPLET_STEPS = [
     "cache_dir = ",  # Load the dataset
     "def preprocess_image(",  # Preparing the data
     "def preprocess_triplets(",
+    "anchor_images, positive_images",  # the sorted file lists (`prepare_pairs`)
     "def visualize(",
     "base_cnn = ",  # Setting up the embedding generator model
     "set_trainable_layers(base_cnn)",  # frozen up to conv5_block1_out
@@ -67,7 +68,7 @@ TRIPLET_STEPS = [
     "Cosine similarity",  # Inspecting what the network has learned
 ]
 TRIPLET_FLOW = [
-    "anchor_images, positive_images",  # the sorted file lists
+    "prepare_pairs(",  # the sorted file lists, split
     "siamese_network = build_siamese_network(",
     "siamese_model = SiameseModel(siamese_network",
     "train(siamese_model, ",  # Training
