@@ -488,10 +488,8 @@ def parse_mnist_command(argv, defaults):
         args = parser.parse_args(rest)
         dry = "dry_run_" if args.dry_run else ""
         if args.dry_run:  # its epoch count, even with --epochs, as it always was
-            args.epochs, args.data = (
-                defaults["dry_run_epochs"],
-                args.data or defaults["dry_run_data"],
-            )
+            args.epochs = defaults["dry_run_epochs"]
+            args.data = args.data or defaults["dry_run_data"]
         args.batch_size = args.batch_size or defaults[f"{dry}batch_size"]
         args.output_dir = args.output_dir or pathlib.Path(MNIST_OUTPUT_DIRS[bool(dry)])
         return parser.prog, args

@@ -435,8 +435,8 @@ def exclusive_use(output_dir, place=(0, 1)):
     except KeyboardInterrupt as interrupt:
         raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
     finally:
-        # Removed while still held: a run waiting to lock it then locks a file nobody sees,
-        # which filelock notices and takes the lock again on the new file.
+        # Removed while still held. A run that opened the file just before does not count a
+        # lock on the removed file: filelock checks, once locked, that the file is still linked.
         (output_dir / ".lock").unlink(missing_ok=True)
         lock.release()
         _remove_if_empty(created)
@@ -612,7 +612,7 @@ class Run(contextlib.ExitStack):
             save_model(model, self.output_dir / name)
         columns = None if history_rows else ["epoch", "loss", "val_loss"]
         self.write_csv(history_rows, "history.csv", columns)
-        timer = self.callbacks[-1]
-        run_record = {**metrics, "epochs": len(history_rows)}
-        finish_run(self.output_dir, {**run_record, "seconds_per_epoch": timer.mean(), **settings})
+        seconds_per_epoch = self.callbacks[-1].mean()  # the EpochTimer
+        record = {**metrics, "epochs": len(history_rows), "seconds_per_epoch": seconds_per_epoch}
+        finish_run(self.output_dir, {**record, **settings})
         return True
