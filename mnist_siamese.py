@@ -18,9 +18,11 @@ Definitions in the original's order, then `main()` runs its steps. What the port
 import pathlib
 import sys
 
-import numpy as np
-
 from siamese_support import command_line, devices, progress
+
+# Ctrl-C in the first seconds, while Keras loads, gives one line too (main() says the rest).
+command_line.quiet_interrupts_outside_main(__name__, "mnist_siamese.py")
+import numpy as np
 
 num_classes = 10
 epochs = 20
@@ -49,18 +51,17 @@ if __name__ == "__main__":
     # --help and mistakes answer here, before Keras imports TensorFlow (about 5 s).
     command_line.parse_mnist_command(None, PARSER_DEFAULTS)
 
+devices.require_backend("mnist_siamese.py")  # one that trains, installed (before Keras fails)
 with devices.quiet_tensorflow_start():
     import keras
     from keras import layers, ops
 
-    # TensorFlow feeds the tf.data pipeline; under JAX or PyTorch it is not needed.
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() == "tensorflow":  # for tf.data; JAX and PyTorch go without
         import tensorflow as tf
 
 from siamese_support import evaluation, mnist_data, pipelines, plots, run_folder, trained_model
 
-# Batches of pairs that one call into the compiled training loop runs. Fewer round trips
-# between Python and TensorFlow is where most of the CPU time of this small model goes.
+# Batches per call into the compiled training loop: round trips from Python cost the most.
 steps_per_execution = 32
 # Larger batches to validate and evaluate: the same figures, and a pass took 0.09 s, not 0.12 s.
 evaluation_batch_size = 1024
@@ -291,7 +292,8 @@ def main(argv=None):
         return trained_model.compare_digits(*inputs, distance_threshold)
     # The run folder: one run at a time, resumable; process 0 of several writes the outputs.
     place = devices.process_place(args.distribute)
-    with run_folder.Run(args.output_dir, args.resume, args.overwrite, args.dry_run, place) as run:
+    folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
+    with run_folder.Run(*folder, place, epochs=args.epochs) as run:
         intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
         placement = devices.choose_placement(args.distribute, args.batch_size)
         print(placement.line, flush=True)

@@ -25,9 +25,11 @@ import os
 import pathlib
 import sys
 
-import numpy as np
-
 from siamese_support import command_line, devices, downloads, evaluation, image_folders, synthetic
+
+# Ctrl-C in the first seconds, while Keras loads, gives one line too (main() says the rest).
+command_line.quiet_interrupts_outside_main(__name__, "triplet_totally_looks_like.py")
+import numpy as np
 
 # --- Setup --------------------------------------------------------------------------------
 
@@ -537,7 +539,7 @@ def main(argv=None):
     image_size, batch_size = (args.image_size, args.image_size), args.batch_size
     # The run folder: one run at a time, resumable with the same data and settings.
     folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
-    with run_folder.Run(*folder, outputs=OUTPUT_FILES) as run:
+    with run_folder.Run(*folder, outputs=OUTPUT_FILES, epochs=args.epochs) as run:
         args.weights = downloads.weights_choice(args.weights, "ResNet50")
         strategy, device_line = devices.choose_strategy(args.distribute)
         print(device_line, flush=True)

@@ -6,9 +6,11 @@ then imports Keras. The defaults are the tutorials' and come from the scripts.
 """
 
 import argparse
+import atexit
 import contextlib
 import functools
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -44,6 +46,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class NothingToDo(Exception):
+    """The command asked for work that is done already: its message, and exit code 0."""
 
 
 class ProcessLost(RuntimeError):
@@ -83,7 +89,8 @@ def _raise_terminated(signum, frame):
 def one_line_errors(prog, interrupted="interrupted"):
     """Turn the errors a user can cause into one line on stderr and an exit code.
 
-    `ValueError`, `OSError` and `DownloadError` give exit code 2, `ProcessLost` 1. Ctrl-C
+    `ValueError`, `OSError` and `DownloadError` give exit code 2, `ProcessLost` 1, and
+    `NothingToDo` 0 with its message on stdout. Ctrl-C
     gives 130 and SIGTERM 143, the shell's codes for the two signals, each with its message
     (the scripts say how to resume; `interrupted` is said otherwise). Inside the block
     SIGTERM raises `Terminated`, unless it was set to be ignored. Yields an `ExitStatus`
@@ -103,6 +110,8 @@ def one_line_errors(prog, interrupted="interrupted"):
             default = "terminated" if terminated else interrupted
             print(f"{prog}: {str(interrupt) or default}", file=sys.stderr)
             status.code = 143 if terminated else 130
+        elif isinstance(error, NothingToDo):
+            print(f"{prog}: {error}", flush=True)
         elif isinstance(error, ProcessLost):
             print(f"{prog}: {error}", file=sys.stderr)
             status.code = 1
@@ -116,15 +125,65 @@ def one_line_errors(prog, interrupted="interrupted"):
             signal.signal(signal.SIGTERM, previous)
 
 
+# What `quiet_interrupts_outside_main` set up: the program's name and a copy of stderr.
+_outside_main = {}
+
+
+def quiet_interrupts_outside_main(module_name, prog):
+    """Ctrl-C before `main` starts, or after it returns: one line and exit code 130.
+
+    A script spends its first seconds importing Keras and TensorFlow (or JAX), and its last
+    ones in their clean-up, where a KeyboardInterrupt would end in a traceback and death by
+    the signal. Nothing has been written before `main` and everything after it, so the
+    handler exits at once (`os._exit`): unwinding an import stopped half-way can print more
+    errors or hang. It writes to a copy of stderr, since the quiet start silences stderr.
+    Only for a script run from the shell (`module_name == "__main__"`), where Ctrl-C is not
+    ignored; `reports_errors` restores Python's handling while `main` runs.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if module_name != "__main__" or not in_main_thread:
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    _outside_main.update(prog=prog, stderr=os.dup(2), when="while starting; nothing was written")
+    signal.signal(signal.SIGINT, _exit_at_once)
+    # Registered before Keras's import, this runs after the libraries' own exit handlers:
+    # past it Python resets the handler to the default, and Ctrl-C would kill the process
+    # by the signal while TensorFlow's C++ objects are destroyed (half a second); ignored.
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
+
+def _exit_at_once(signum, frame):
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    line = f"{_outside_main['prog']}: interrupted {_outside_main['when']}\n"
+    with contextlib.suppress(OSError):
+        os.write(_outside_main["stderr"], line.encode())
+    os._exit(130)
+
+
 def reports_errors(prog):
-    """Decorate a script's `main` so that it returns an exit code: 0, or `one_line_errors`'."""
+    """Decorate a script's `main` so that it returns an exit code: 0, or `one_line_errors`'.
+
+    Around `main`, Ctrl-C raises KeyboardInterrupt as usual (see
+    `quiet_interrupts_outside_main` for before and after).
+    """
 
     def decorate(main):
         @functools.wraps(main)
         def main_with_one_line_errors(*args, **kwargs):
-            with one_line_errors(prog) as status:
-                return main(*args, **kwargs)
-            return status.code
+            quiet = signal.getsignal(signal.SIGINT) is _exit_at_once
+            try:
+                with one_line_errors(prog) as status:
+                    if quiet:
+                        signal.signal(signal.SIGINT, signal.default_int_handler)
+                    return main(*args, **kwargs)
+                return status.code
+            finally:
+                if quiet:
+                    _outside_main["when"] = "while exiting, after the work had ended"
+                    signal.signal(signal.SIGINT, _exit_at_once)
 
         return main_with_one_line_errors
 

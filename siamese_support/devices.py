@@ -7,6 +7,7 @@ runs under any Keras backend, without TensorFlow installed.
 
 import collections
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -101,21 +102,59 @@ def set_random_seed(seed):
         keras.utils.set_random_seed(seed)
 
 
-def configured_backend():
-    """The Keras backend a process will use, read as Keras reads it, without importing Keras.
+# The backends Keras 3 accepts, each with the library it needs; the scripts train on the
+# first three (Keras's numpy and openvino backends run models but cannot train them).
+KERAS_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+KERAS_BACKENDS.update(numpy="numpy", openvino="openvino")
+TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def backend_setting():
+    """`(name, how it was chosen)` of the Keras backend, read as Keras reads it, unimported.
 
     `KERAS_BACKEND` first, then the "backend" of `keras.json` in `KERAS_HOME` (default
-    `~/.keras`), then TensorFlow, Keras's default.
+    `~/.keras`, or `/tmp/.keras` where the home folder is read-only), then TensorFlow,
+    Keras's default. The second item names the choice for a message.
     """
-    name = os.environ.get("KERAS_BACKEND", "").strip()
+    name = os.environ.get("KERAS_BACKEND", "")
     if name:
-        return name
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+        return name, f"KERAS_BACKEND={name}"
+    home = os.path.expanduser("~")
+    if not os.access(home, os.W_OK):
+        home = "/tmp"
+    path = os.path.join(os.environ.get("KERAS_HOME") or os.path.join(home, ".keras"), "keras.json")
     try:
-        with open(os.path.join(home, "keras.json")) as stream:
-            return str(json.load(stream).get("backend") or "tensorflow")
+        with open(path) as stream:
+            name = json.load(stream).get("backend")
     except (OSError, ValueError, AttributeError):
-        return "tensorflow"
+        name = None
+    if name:
+        return str(name), f'the backend "{name}" of {path}'
+    return "tensorflow", "Keras's default backend, tensorflow,"
+
+
+def configured_backend():
+    """The name of the Keras backend a process will use, without importing Keras."""
+    return backend_setting()[0]
+
+
+def require_backend(prog, supported=TRAINING_BACKENDS):
+    """Exit with one line and code 2 unless Keras is set to a `supported` backend that is
+    installed, before Keras's own import fails with a traceback; return its name."""
+    name, chosen = backend_setting()
+    choices = " or ".join((", ".join(supported[:-1]), supported[-1])) if supported[1:] else name
+    if name not in KERAS_BACKENDS:
+        accepted = ", ".join(KERAS_BACKENDS)
+        problem = f"{chosen} is not a Keras backend (Keras has {accepted})"
+    elif name not in supported:
+        problem = f"{chosen} is a Keras backend this script cannot train on"
+    elif importlib.util.find_spec(KERAS_BACKENDS[name]) is None:
+        library = KERAS_BACKENDS[name]
+        problem = f"{chosen} needs {library}, which is not installed (pip install {library})"
+    else:
+        return name
+    print(f"{prog}: error: {problem}; choose {choices} with KERAS_BACKEND", file=sys.stderr)
+    sys.exit(2)
 
 
 def require_tensorflow_backend(prog):
@@ -125,7 +164,9 @@ def require_tensorflow_backend(prog):
     under JAX or PyTorch it says so, before anything is imported.
     """
     backend = configured_backend()
-    if backend != "tensorflow":
+    if backend not in KERAS_BACKENDS or backend == "tensorflow":
+        require_backend(prog, ("tensorflow",))  # a name Keras does not know, or no TensorFlow
+    else:
         print(
             f"{prog}: error: this script runs on TensorFlow only (its tutorial is tf.data and "
             f"tf.GradientTape), but Keras is set to {backend}: run it with "

@@ -209,6 +209,8 @@ def search_gallery(query, folder, k, run_dir, output, batch_size, preprocess_ima
     Returns the exit code.
     """
     with command_line.one_line_errors(f"{SCRIPT} search") as status:
+        output = pathlib.Path(output or pathlib.Path(run_dir) / "search.png")
+        run_folder.make_parent_folder(output, "--output")  # before the work, as for runs
         files = list_gallery(folder)
         if k > len(files):
             raise ValueError(f"-k {k} is more than the {len(files)} images in --gallery {folder}")
@@ -241,7 +243,6 @@ def search_gallery(query, folder, k, run_dir, output, batch_size, preprocess_ima
         print(f"The {k} images nearest to {query} (squared distance, cosine similarity):")
         for rank, (index, similarity) in enumerate(zip(nearest, similarities, strict=True), 1):
             print(f"{rank:>4}. {distances[index]:12.4f}  {similarity:+.4f}  {files[index]}")
-        output = pathlib.Path(output or pathlib.Path(run_dir) / "search.png")
         images = [read_image(files[index], load_image) for index in nearest]
         titles = [
             f"{files[index].relative_to(folder)}\nd2 {distances[index]:.3f}, cos {similarity:+.3f}"

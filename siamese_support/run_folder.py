@@ -32,9 +32,12 @@ def atomic_path(path):
     A crash or Ctrl-C midway leaves the previous file (if any) untouched.
     """
     path = pathlib.Path(path)
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix
-    )
+    try:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix
+        )
+    except OSError as error:  # its folder is missing or read-only: name the file, not the temporary
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     os.close(handle)
     # mkstemp creates the file readable by its owner only; give it the usual permissions.
     umask = os.umask(0)
@@ -49,6 +52,19 @@ def atomic_path(path):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def make_parent_folder(path, option):
+    """Create the folder of the file `path` (given as `option`) and its parents, if needed."""
+    path = pathlib.Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"{option} {path}: its folder {path.parent} cannot be made ({error.strerror or error})"
+        ) from None
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
 
 
 def write_json(data, path):
@@ -85,6 +101,7 @@ def prepare_output_dir(output_dir, resume=False, overwrite=False, dry_run=False,
     output_dir = pathlib.Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+    check_kinds(output_dir, ("metrics.json", "history-progress.csv", *outputs))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):
@@ -122,6 +139,50 @@ def prepare_output_dir(output_dir, resume=False, overwrite=False, dry_run=False,
     for stale_cache in output_dir.glob(".cache-*"):
         shutil.rmtree(stale_cache, ignore_errors=True)
     return output_dir
+
+
+def check_kinds(output_dir, files, folders=("backup", "logs")):
+    """Refuse, before training, a folder where the run writes a file, or the other way round.
+
+    TensorBoard's writer, for one, fails with a traceback at the first epoch on a file named
+    `logs`, and `--overwrite` removes only what a run writes.
+    """
+    what = {"backup": "its per-epoch backup, a folder", "logs": "TensorBoard's logs, a folder"}
+    wanted = {**dict.fromkeys(files, "a file"), **{name: what[name] for name in folders}}
+    for name, kind in wanted.items():
+        path = output_dir / name
+        if path.is_symlink() or not path.exists() or path.is_dir() == kind.endswith("folder"):
+            continue
+        found = "a folder" if path.is_dir() else "a file"
+        raise ValueError(
+            f"--output-dir {output_dir} holds {found} named {name}, where the run writes "
+            f"{kind}: move it away, or choose another --output-dir"
+        )
+
+
+def check_not_finished(output_dir, epochs):
+    """With `--resume`, a finished run (`metrics.json`) ends the command before any work.
+
+    The same command run again (a scheduler's retry, a pipeline run twice) then succeeds:
+    `NothingToDo` (exit code 0) when the run trained at least `epochs` epochs. More epochs
+    cannot be added: at the end a run drops its backup (the optimizer's state, the random
+    streams) and keeps the model alone, so a longer run starts over, in another folder.
+    """
+    metrics_path = pathlib.Path(output_dir) / "metrics.json"
+    try:
+        finished = int(json.loads(metrics_path.read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no finished run (or not one this can read): prepare_output_dir decides
+    trained = f"{finished} epoch" + ("" if finished == 1 else "s")
+    if epochs is None or epochs <= finished:
+        raise command_line.NothingToDo(
+            f"nothing to resume: the run in {output_dir} finished, after {trained}"
+        )
+    raise ValueError(
+        f"--resume: the run in {output_dir} finished after {trained} and keeps no "
+        f"training state to go on from, so it cannot be taken to --epochs {epochs}; start "
+        "a new run (another --output-dir, or --overwrite to replace this one)"
+    )
 
 
 def remove_tensorboard_logs(output_dir):
@@ -537,7 +598,8 @@ class Run(contextlib.ExitStack):
             run.finish({"model.keras": model}, metrics, settings)
 
     Entering it takes the folder's lock (`exclusive_use`: one run per folder; Ctrl-C,
-    SIGTERM and failed writes explained, with how to resume). `start` decides, once the data
+    SIGTERM and failed writes explained, with how to resume); with `resume`, a finished run
+    of `epochs` epochs ends the command there (`check_not_finished`). `start` decides, once the data
     has loaded, whether the folder may be used (`prepare_output_dir`), refuses a resume with
     another split or other settings, and makes the callbacks. `finish` writes the models,
     `history.csv` and, last, `metrics.json`, the run's end mark. `place` is a multi-process
@@ -545,16 +607,39 @@ class Run(contextlib.ExitStack):
     entered with `enter_context` (an `ExitStack`'s) stay open until the run ends.
     """
 
-    def __init__(self, output_dir, resume, overwrite, dry_run, place=(0, 1), outputs=()):
+    def __init__(
+        self, output_dir, resume, overwrite, dry_run, place=(0, 1), outputs=(), epochs=None
+    ):
         super().__init__()
         self.output_dir, self.place, self.outputs = output_dir, place, outputs
         self.resume, self.overwrite, self.dry_run = resume, overwrite, dry_run
+        self.epochs = epochs
         self.callbacks = []
+        self.started = False
 
     def __enter__(self):
         super().__enter__()
+        shared_dir = self.output_dir  # every process reads the finished run's mark here
         self.output_dir = self.enter_context(exclusive_use(self.output_dir, self.place))
+        if self.resume and not self.overwrite:
+            try:
+                check_not_finished(shared_dir, self.epochs)
+            except BaseException:
+                self.close()
+                raise
         return self
+
+    def __exit__(self, *exception):
+        # Stopped (Ctrl-C, an error) before a first epoch was backed up: the files this run
+        # wrote so far belong to no run that can be resumed or used. Before `start`, the
+        # folder may hold a finished run, which is left alone.
+        folder = pathlib.Path(self.output_dir)
+        if exception[0] is not None and self.started and not resumable(folder):
+            if not (folder / "metrics.json").exists():
+                for name in ("history-progress.csv", *self.outputs):
+                    (folder / name).unlink(missing_ok=True)
+                remove_tensorboard_logs(folder)
+        return super().__exit__(*exception)
 
     @property
     def writes_outputs(self):
@@ -576,6 +661,7 @@ class Run(contextlib.ExitStack):
         if resumed_settings:
             check_same_settings(self.output_dir, {k: settings[k] for k in resumed_settings})
         self.callbacks = training_callbacks(self.output_dir, logs=self.writes_outputs)
+        self.started = True
         return self.output_dir
 
     def temporary_folder(self, **where):

@@ -8,7 +8,9 @@ scripts' `compare` and `search` commands answer them with what is here and in `g
 
 import csv
 import json
+import os
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -63,6 +65,15 @@ def read_metrics(run_dir):
         raise ValueError(f"{path} cannot be read ({command_line.one_line(error)})") from None
 
 
+def whole_zip_file(path):
+    """Whether `path` is a zip archive whose every member reads back intact (CRC checked)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+
+
 def load_embedding_model(path, script, expected_rank, expected_channels=None):
     """Load a saved embedding model in Keras's safe mode and check what it takes.
 
@@ -75,9 +86,12 @@ def load_embedding_model(path, script, expected_rank, expected_channels=None):
     try:
         model = keras.saving.load_model(path)
     except Exception as error:  # a damaged file raises many kinds: say which file, in one line
-        raise ValueError(
-            f"{path} cannot be loaded as a Keras model ({command_line.one_line(error)})"
-        ) from None
+        problem = command_line.one_line(error)
+        # Keras says "File not found" for a .keras file cut short (a copy or a save that
+        # did not finish): it is there, but not a whole zip archive.
+        if os.path.isfile(path) and not whole_zip_file(path):
+            problem = "the file is damaged or incomplete: not a whole .keras zip archive"
+        raise ValueError(f"{path} cannot be loaded as a Keras model ({problem})") from None
     shape = tuple(model.input_shape[1:])
     if len(shape) != expected_rank or (expected_channels and shape[-1] != expected_channels):
         raise ValueError(
@@ -171,6 +185,8 @@ def compare_digits(images, pairs_file, run_dir, output, distance, example_thresh
             raise ValueError(f"{run_dir}/metrics.json has no best_threshold")
         if pairs_file is not None:
             rows = read_pairs_file(pairs_file)
+            output = pathlib.Path(output or pathlib.Path(run_dir) / "compared-pairs.csv")
+            run_folder.make_parent_folder(output, "--output")  # before the work, as for runs
         else:
             rows = [(1, *map(pathlib.Path, images))]
         model = load_embedding_model(model_path, "mnist_siamese.py", expected_rank=2)
@@ -198,7 +214,6 @@ def compare_digits(images, pairs_file, run_dir, output, distance, example_thresh
                 verdict = "same digit" if distances[0] < value else "different digits"
                 print(f"At {name} threshold {value:.4g}: {verdict}")
             return status.code
-        output = pathlib.Path(output or pathlib.Path(run_dir) / "compared-pairs.csv")
         example_column = f"same_digit_at_{example_threshold:g}"
         table = [
             {
