@@ -60,9 +60,11 @@ def make_parent_folder(path, option):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(
-            f"{option} {path}: its folder {path.parent} cannot be made ({error.strerror or error})"
-        ) from None
+        reason = error.strerror or str(error)
+        existing = next(folder for folder in path.parents if folder.exists())
+        if not existing.is_dir():
+            reason = f"{existing} is a file"
+        raise ValueError(f"{option} {path}: its folder cannot be made ({reason})") from None
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file name")
 
