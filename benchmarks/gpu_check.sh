@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with a GPU and JAX but without TensorFlow or Keras, print
+#   1. mnist_siamese.py's seconds per epoch under JAX (the 5,000 digits of data/mnist-tiny.npz,
+#      8,660 training pairs, batch 128, 3 epochs; the first epoch includes the compilation),
+#   2. the triplet model's seconds per training step under JAX at 200 x 200, batch 32, weights
+#      none, with the frozen trunk's features cached (the script's default) and without, and
+#   3. the plain Keras ResNet50 step on the same work (benchmarks/plain_resnet_step.py).
+# It installs nothing from a network: WHEELS is a folder of the wheels that machine lacks
+# (Keras and what it needs: keras, namex, optree; filelock 4.3 or newer), installed into a
+# temporary folder. A run takes about 2 minutes on one H200; on a 2-core CPU, 10 or more.
+#
+#     bash benchmarks/gpu_check.sh WHEELS [PYTHON]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+wheels="${1:?usage: bash benchmarks/gpu_check.sh WHEELS [PYTHON]}"
+python="${2:-python3}"
+site="$(mktemp -d)"
+runs="$(mktemp -d)"
+"$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" KERAS_BACKEND=jax PYTHONUNBUFFERED=1
+"$python" -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)"
+
+"$python" mnist_siamese.py --data data/mnist-tiny.npz --epochs 3 --no-plots \
+    --output-dir "$runs/mnist" > "$runs/mnist.log"
+"$python" -c "import json, sys; m = json.load(open(sys.argv[1])); print('mnist_siamese.py, JAX:', \
+round(m['seconds_per_epoch'], 3), 's per epoch (mean of 3, the first compiles)')" "$runs/mnist/metrics.json"
+
+for cache in --cache-features --no-cache-features; do
+    echo "triplet step, JAX, $cache:"
+    "$python" benchmarks/tll_step_time.py --steps 10 "$cache" | grep -E "^(steps|seconds_per_step|losses)"
+    echo "plain Keras ResNet50 step, JAX, $cache:"
+    "$python" benchmarks/plain_resnet_step.py --steps 10 "$cache" | grep -E "^(steps|seconds_per_step)"
+done
+rm -rf "$site" "$runs"
