@@ -209,8 +209,9 @@ def search_gallery(query, folder, k, run_dir, output, batch_size, preprocess_ima
     Returns the exit code.
     """
     with command_line.one_line_errors(f"{SCRIPT} search") as status:
+        if output is not None:  # its folder is made before the work, as run folders are
+            run_folder.make_parent_folder(output, "--output")
         output = pathlib.Path(output or pathlib.Path(run_dir) / "search.png")
-        run_folder.make_parent_folder(output, "--output")  # before the work, as for runs
         files = list_gallery(folder)
         if k > len(files):
             raise ValueError(f"-k {k} is more than the {len(files)} images in --gallery {folder}")

@@ -185,8 +185,9 @@ def compare_digits(images, pairs_file, run_dir, output, distance, example_thresh
             raise ValueError(f"{run_dir}/metrics.json has no best_threshold")
         if pairs_file is not None:
             rows = read_pairs_file(pairs_file)
+            if output is not None:  # its folder is made before the work, as run folders are
+                run_folder.make_parent_folder(output, "--output")
             output = pathlib.Path(output or pathlib.Path(run_dir) / "compared-pairs.csv")
-            run_folder.make_parent_folder(output, "--output")  # before the work, as for runs
         else:
             rows = [(1, *map(pathlib.Path, images))]
         model = load_embedding_model(model_path, "mnist_siamese.py", expected_rank=2)
