@@ -594,8 +594,9 @@ class Run(contextlib.ExitStack):
         return final_history(self.output_dir)
 
     def write_csv(self, rows, name, fieldnames=None):
-        """Write rows as the CSV file `name` of the output folder, atomically."""
-        write_csv(rows, self.output_dir / name, fieldnames)
+        """Write rows as the CSV file `name` of the output folder, atomically (process 0 only)."""
+        if self.writes_outputs:
+            write_csv(rows, self.output_dir / name, fieldnames)
 
     def finish(self, models, metrics, settings):
         """Save `models` (file name to model) and `history.csv`, then `metrics.json`, last.
