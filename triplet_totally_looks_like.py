@@ -472,9 +472,8 @@ class SiameseModel(keras.Model):
             ap_distance, an_distance = self.distance_layer(anchor, positive, negative)
             # A pair alone in its (last, short) batch has no negative there: it costs nothing.
             losses = ops.where(found, triplet_loss(ap_distance, an_distance, self.margin), 0.0)
-        else:
-            ap_distance, an_distance = (ops.cast(distance, "float32") for distance in y_pred)
-            losses = triplet_loss(ap_distance, an_distance, self.margin)
+        else:  # the dataset's negatives; the distances are float32 (`build_siamese_network`)
+            losses = triplet_loss(*y_pred, self.margin)
         weights = ops.ones_like(losses) if sample_weight is None else sample_weight
         loss = ops.sum(losses * weights) / ops.sum(weights)
         self.loss_tracker.update_state(loss)
@@ -578,7 +577,8 @@ def main(argv=None):
         after = evaluate_embeddings(network, val_store, val_negatives, batch_size)
 
         # Inspecting what the network has learned, triplet by triplet.
-        print_similarities(val_anchors, after)
+        if run.writes_outputs:  # process 0 of several
+            print_similarities(val_anchors, after)
 
         # The port's extras: similarities, plots, the model, history and metrics.json, last.
         run.write_csv(evaluation.similarity_rows(*validation, data_dir, after), "similarities.csv")
