@@ -17,7 +17,8 @@ import pytest
 from helpers import TRIPLET, describe
 from keras import ops
 
-from siamese_support import mining, pipelines, synthetic
+import triplet_totally_looks_like as tll
+from siamese_support import gallery, image_folders, mining, pillow_images, pipelines, synthetic
 
 PROG = "triplet_totally_looks_like.py"
 MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -41,56 +42,6 @@ def run_under(backend, args, cwd, python_code=None, env=None, timeout=300):
 # ---------------------------------------------------------------------------
 # The script: training, compare and search
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def jax_run(tmp_path_factory):
-    """The dry run under JAX, with TensorFlow blocked: `(folder, finished process)`."""
-    if not installed("jax"):
-        pytest.skip("not installed here: jax")
-    cwd = tmp_path_factory.mktemp("jax")
-    result = run_under("jax", ["--dry-run"], cwd, helpers.RUN_WITHOUT_TENSORFLOW)
-    return cwd / "runs" / "triplet_totally_looks_like_dry_run", result
-
-
-@pytest.mark.slow
-def test_dry_run_under_jax_needs_no_tensorflow(jax_run):
-    output_dir, result = jax_run
-    assert result.returncode == 0, describe(result)
-    assert result.stdout.splitlines()[0] == "Backend: jax. Device: CPU"
-    assert result.stderr.strip() == "", result.stderr
-    metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 1 and metrics["replicas"] == 1, metrics
-    assert metrics["training_pairs"] == 38 and metrics["validation_pairs"] == 10
-    assert 0.5 <= metrics["triplet_accuracy"] <= 1.0, metrics
-    for name in ("embedding.keras", "history.csv", "similarities.csv", "triplets.png", "loss.png"):
-        assert (output_dir / name).is_file(), name
-    history = (output_dir / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,loss,val_loss" and len(history) == 2
-    assert np.isfinite([float(value) for value in history[1].split(",")]).all(), history
-
-
-@pytest.mark.slow
-def test_compare_and_search_under_jax_need_no_tensorflow(jax_run, tmp_path):
-    output_dir, result = jax_run
-    assert result.returncode == 0, describe(result)
-    gallery = synthetic.make_synthetic_dataset(tmp_path / "gallery", pairs=8, image_size=80)
-    query = gallery / "left" / "00000.jpg"
-    common = ["--run-dir", output_dir]
-    search = ["search", query, "--gallery", gallery / "right", "-k", "3", *common]
-    searched = run_under("jax", search, tmp_path, helpers.RUN_WITHOUT_TENSORFLOW)
-    assert searched.returncode == 0, describe(searched)
-    ranking = [line for line in searched.stdout.splitlines() if re.match(r"\s+\d\. ", line)]
-    assert len(ranking) == 3, searched.stdout
-    assert (output_dir / "search.png").is_file()
-    compare = ["compare", query, gallery / "right" / "00000.jpg", *common]
-    compared = run_under("jax", compare, tmp_path, helpers.RUN_WITHOUT_TENSORFLOW)
-    assert compared.returncode == 0, describe(compared)
-    assert re.search(r"^Squared distance: \d+\.\d{4}$", compared.stdout, re.M), compared.stdout
-    # A file that is no image is one line and exit code 2, as under TensorFlow.
-    (tmp_path / "notes.jpg").write_text("not an image")
-    bad = run_under("jax", ["compare", tmp_path / "notes.jpg", query, *common], tmp_path)
-    helpers.assert_one_line_error(bad, f"{PROG} compare", "not an image the training could read")
 
 
 @pytest.mark.slow
@@ -201,63 +152,14 @@ def test_keras_default_step_computes_the_tape_steps_loss_and_update(backend, tmp
     assert tape["hard"]["loss"] != pytest.approx(tape["random"]["loss"])
 
 
-@pytest.mark.slow
-@needs("jax")
-def test_under_jax_data_parallel_each_device_mines_in_its_own_share(tmp_path):
-    # The CPU split into two devices: DataParallel gives each half of every batch; the loss,
-    # which sees the whole batch, must mine within each half, as tf.distribute's replicas do.
-    split = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    two = one_step("jax", tmp_path, "auto", "dense", env=split)
-    assert two["line"] == "Backend: jax. Device: CPU, DataParallel over 2 devices"
-    one = one_step("jax", tmp_path, "none", "dense")
-    # Random negatives: the same loss however the batch is spread.
-    assert two["random"]["loss"] == pytest.approx(one["random"]["loss"], rel=1e-5)
-    # Mined: the mean of the two halves' own mining, not the whole batch's.
-    halves = HALVES.format(strategy="hard")
-    result = run_under("jax", [], tmp_path, halves)
-    assert result.returncode == 0, describe(result)
-    per_half, whole = json.loads(result.stdout.strip().splitlines()[-1])
-    assert two["hard"]["loss"] == pytest.approx(per_half, rel=1e-5)
-    assert whole != pytest.approx(per_half, rel=1e-3)  # or the check would prove nothing
-
-
-# The first step's hard-mined loss of ONE_STEP's "dense" model, computed by hand: mined in
-# each half of the batch, averaged, and mined over the whole batch. Prints [per half, whole].
-HALVES = textwrap.dedent(
-    """
-    import json
-    import numpy as np
-    import triplet_totally_looks_like as tll
-    from triplet_totally_looks_like import keras, ops
-    from siamese_support import mining
-
-    store = np.random.default_rng(0).normal(size=(24, 5)).astype("float32")
-    inputs = keras.Input((5,))
-    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
-    embedding = keras.Model(inputs, keras.layers.Dense(3)(hidden))
-    weights = np.random.default_rng(1)
-    for layer in embedding.layers:
-        if isinstance(layer, keras.layers.Dense):
-            layer.set_weights([weights.normal(size=w.shape) for w in layer.get_weights()])
-    anchors, positives = embedding(store[:8]), embedding(store[8:16])
-
-    def mined(a, p):
-        n, _ = mining.mine_negatives(a, p, "{strategy}")
-        return float(ops.mean(tll.triplet_loss(*tll.DistanceLayer()(a, p, n), 0.5)))
-
-    halves = [mined(anchors[h], positives[h]) for h in (slice(0, 4), slice(4, 8))]
-    print(json.dumps([sum(halves) / 2, mined(anchors, positives)]))
-    """
-)
-
-
 # ---------------------------------------------------------------------------
 # A saved embedding model reloads under the other backend
 # ---------------------------------------------------------------------------
 
-# argv: what to do ("save" or "load"), the model file, the images file. Saving builds the
-# script's embedding model (random weights, 32 x 32 images) and saves it as a run does.
-SAVE_OR_LOAD = textwrap.dedent(
+# argv: a model file to load ("-": none), a model file to save, the images file. Loading
+# embeds the images with the loaded model; saving builds the script's embedding model
+# (random weights, 32 x 32 images), saves it as a run does, and embeds them with it.
+LOAD_AND_SAVE = textwrap.dedent(
     """
     import json, sys
     import numpy as np
@@ -265,46 +167,64 @@ SAVE_OR_LOAD = textwrap.dedent(
     from triplet_totally_looks_like import keras
     from siamese_support import run_folder
 
-    action, model_file, images_file = sys.argv[2:5]
+    load_file, save_file, images_file = sys.argv[2:5]
     images = np.load(images_file)
-    if action == "save":
-        keras.utils.set_random_seed(0)
-        embedding = tll.build_embedding_network((32, 32), weights=None)
-        run_folder.save_model(embedding, model_file)
-    else:
-        embedding = keras.saving.load_model(model_file)
-    embeddings = keras.ops.convert_to_numpy(embedding.predict(images, verbose=0))
-    print(json.dumps({"backend": keras.backend.backend(), "embeddings": embeddings.tolist()}))
+    results = {"backend": keras.backend.backend()}
+    if load_file != "-":
+        loaded = keras.saving.load_model(load_file)
+        results["loaded"] = keras.ops.convert_to_numpy(loaded.predict(images, verbose=0)).tolist()
+    keras.utils.set_random_seed(0)
+    embedding = tll.build_embedding_network((32, 32), weights=None)
+    run_folder.save_model(embedding, save_file)
+    results["saved"] = keras.ops.convert_to_numpy(embedding.predict(images, verbose=0)).tolist()
+    print(json.dumps(results))
     """
 )
 
 
 @pytest.mark.slow
 @needs("tensorflow", "jax")
-@pytest.mark.parametrize(
-    ("saved_under", "loaded_under"), [("tensorflow", "jax"), ("jax", "tensorflow")]
-)
-def test_embedding_saved_under_one_backend_gives_the_same_embeddings_under_the_other(
-    saved_under, loaded_under, tmp_path
-):
+def test_embedding_saved_under_one_backend_gives_the_same_embeddings_under_the_other(tmp_path):
+    # TensorFlow saves; JAX loads that file and saves its own; TensorFlow loads JAX's.
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.save(tmp_path / "images.npy", images)
-    results = {}
-    for action, backend in (("save", saved_under), ("load", loaded_under)):
-        arguments = [action, tmp_path / "embedding.keras", tmp_path / "images.npy"]
-        result = run_under(backend, arguments, tmp_path, SAVE_OR_LOAD, timeout=180)
+    steps = (("tensorflow", "-", "tf.keras"), ("jax", "tf.keras", "jax.keras"))
+    steps += (("tensorflow", "jax.keras", "again.keras"),)
+    results = []
+    for backend, load_file, save_file in steps:
+        arguments = [load_file, tmp_path / save_file, tmp_path / "images.npy"]
+        if load_file != "-":
+            arguments[0] = tmp_path / load_file
+        result = run_under(backend, arguments, tmp_path, LOAD_AND_SAVE, timeout=180)
         assert result.returncode == 0, describe(result)
-        results[action] = json.loads(result.stdout.strip().splitlines()[-1])
-    assert results["save"]["backend"] == saved_under
-    assert results["load"]["backend"] == loaded_under
-    saved, loaded = (np.array(results[action]["embeddings"]) for action in ("save", "load"))
-    assert saved.shape == (4, 256) and np.ptp(saved) > 0
-    np.testing.assert_allclose(loaded, saved, rtol=1e-4, atol=1e-4)
+        results.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        assert results[-1]["backend"] == backend
+    for saved, loaded in ((results[0], results[1]), (results[1], results[2])):
+        expected = np.array(saved["saved"])
+        assert expected.shape == (4, 256) and np.ptp(expected) > 0
+        np.testing.assert_allclose(loaded["loaded"], expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------
-# The pieces, in this process: TripletBatches and mining in shares
+# The pieces, in this process: bad files, TripletBatches and mining in shares
 # ---------------------------------------------------------------------------
+
+
+def test_files_that_are_no_images_are_found_and_named_under_every_backend(tmp_path):
+    # The script's decoder: TensorFlow's under TensorFlow, Pillow's under JAX and PyTorch.
+    good = synthetic.make_synthetic_dataset(tmp_path / "pairs", pairs=1) / "left" / "00000.jpg"
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    files = [str(good), str(tmp_path / "notes.jpg"), str(tmp_path / "cut.jpg")]
+    unreadable = image_folders.find_unreadable_images(files, tll.decode_image)
+    assert sorted(unreadable) == sorted(files[1:]), unreadable
+    assert all(reason and "\n" not in reason for reason in unreadable.values())
+    # compare and search: one clear error (the script prints it in one line, exit code 2).
+    for name in files[1:]:
+        with pytest.raises(ValueError, match="not an image the training could read"):
+            gallery.read_image(name, lambda path: tll.preprocess_image(path, (32, 32)))
+    image = gallery.read_image(good, lambda path: pillow_images.read_image(path, (32, 32)))
+    assert image.shape == (32, 32, 3) and image.dtype == np.float32
 
 
 def _epoch_triplets(pair_count):
