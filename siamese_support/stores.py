@@ -127,9 +127,8 @@ def numpy_image_batches(filenames, preprocess_image, batch_size):
 
     `preprocess_image` reads one file name (Pillow and NumPy under JAX and PyTorch); for a
     tuple of names, `preprocess_image(*names)` returns a tuple of images, and a batch is a
-    tuple of their stacks.
-    One thread per core decodes a batch while the previous one is used, so at most two
-    batches are held.
+    tuple of their stacks. One thread per core decodes a batch while the previous one is
+    used, so at most two batches are held.
     """
     filenames = list(filenames)
     starts = range(0, len(filenames), batch_size)
