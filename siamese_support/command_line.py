@@ -439,7 +439,7 @@ def triplet_parser(defaults):
         "--mixed-precision",
         action=argparse.BooleanOptionalAction,
         help="compute in float16, keep weights, distances and loss in float32 (default: on "
-        "when TensorFlow sees a GPU, off otherwise)",
+        "when the Keras backend sees a GPU, off otherwise)",
     )
     parser.add_argument(
         "--jit-compile",
