@@ -11,13 +11,13 @@ positive closer to the anchor than the negative. The data is the Totally Looks L
 after 10 epochs.
 
 The definitions follow the example's sections, in its order, and `main()` at the end runs
-its steps. What the port adds (downloads and safe extraction, checked image folders, decoded
-images and frozen-trunk features stored once, generated data, metrics, plots, a resumable
-run folder) is in `siamese_support`.
+its steps. What the port adds (downloads, checked image folders, images and features stored
+once, generated data, metrics, plots, a resumable run folder, devices) is in `siamese_support`.
 
     python triplet_totally_looks_like.py                     # the example: download, 10 epochs
     python triplet_totally_looks_like.py --data-dir DIR --weights none   # fully offline
     python triplet_totally_looks_like.py --dry-run           # tiny generated data, 1 epoch
+    KERAS_BACKEND=jax python triplet_totally_looks_like.py   # JAX or PyTorch, without TensorFlow
 """
 
 import functools
@@ -51,51 +51,33 @@ dry_run_image_size = 64
 dry_run_epochs = 1
 
 # The command line's defaults: the example's.
-PARSER_DEFAULTS = {
-    "epochs": epochs,
-    "batch_size": batch_size,
-    "margin": margin,
-    "learning_rate": learning_rate,
-    "image_size": target_shape[0],
-    "minimum_image_size": minimum_image_size,
-    "validation_split": validation_split,
-    "seed": seed,
-    "dry_run_pairs": dry_run_pairs,
-    "dry_run_image_size": dry_run_image_size,
-    "dry_run_epochs": dry_run_epochs,
-}
+PARSER_DEFAULTS = dict(epochs=epochs, batch_size=batch_size, margin=margin, seed=seed)
+PARSER_DEFAULTS.update(learning_rate=learning_rate, validation_split=validation_split)
+PARSER_DEFAULTS.update(image_size=target_shape[0], minimum_image_size=minimum_image_size)
+PARSER_DEFAULTS.update(dry_run_pairs=dry_run_pairs, dry_run_epochs=dry_run_epochs)
+PARSER_DEFAULTS.update(dry_run_image_size=dry_run_image_size)
 
 if __name__ == "__main__":
     # --help and mistakes answer here, before Keras imports TensorFlow (about 5 s).
     command_line.parse_triplet_command(None, PARSER_DEFAULTS)
 
-devices.require_tensorflow_backend("triplet_totally_looks_like.py")  # tf.data, GradientTape
+devices.require_backend("triplet_totally_looks_like.py")  # installed, and one that trains
 with devices.quiet_tensorflow_start():
     import keras
-    import tensorflow as tf
     from keras import layers, ops
     from keras.applications import resnet
 
-from siamese_support import gallery, mining, plots, progress, run_folder, stores
+    if keras.backend.backend() == "tensorflow":  # tf.data, GradientTape; not JAX or PyTorch
+        import tensorflow as tf
 
-# Every file a run writes in its output folder (`--overwrite` removes only these).
-OUTPUT_FILES = ("metrics.json", "embedding.keras", "history.csv", "history-progress.csv")
-OUTPUT_FILES += ("split.json", "settings.json", "similarities.csv", "triplets.png", "loss.png")
-OUTPUT_FILES += ("distances.png", "retrieval.png")
-# The settings a resumed run must keep (--epochs, --jit-compile, --distribute may change),
-# and all that metrics.json records.
-RESUMED_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate", "weights")
-RESUMED_SETTINGS += ("negatives", "cache_features", "mixed_precision")
-RUN_SETTINGS = RESUMED_SETTINGS + ("seed", "jit_compile", "replicas", "dry_run")
+from siamese_support import gallery, mining, pillow_images, plots, progress, run_folder, stores
 
 # --- Load the dataset ---------------------------------------------------------------------
 
 # The example's two Google Drive files, unpacked into ~/.keras/left and ~/.keras/right.
 cache_dir = pathlib.Path.home() / ".keras"
-google_drive_ids = {
-    "left": "1jvkbTr_giSP3Ru8OwGNCg6B4PvVbcO34",
-    "right": "1EzBZUb_mh_Dp_FKD0P4XiYYSd0QBH5zW",
-}
+google_drive_ids = {"left": "1jvkbTr_giSP3Ru8OwGNCg6B4PvVbcO34"}
+google_drive_ids["right"] = "1EzBZUb_mh_Dp_FKD0P4XiYYSd0QBH5zW"
 
 
 def load_dataset(data_dir, dry_run, seed, make_folder):
@@ -116,8 +98,10 @@ def decode_image(image_string):
     The example's `decode_jpeg` fails on PNG or GIF content behind a `.jpg` name. Grayscale
     and palette images get three channels, CMYK JPEGs are converted to RGB by the decoder,
     16-bit PNGs are scaled to 0-255 (`dtype=uint8`), an animated GIF gives its first frame.
-    EXIF orientation tags are ignored, as in the example: a rotated photo stays rotated.
+    EXIF orientation tags are ignored, as in the example. (JAX, PyTorch: Pillow, the same way.)
     """
+    if keras.backend.backend() != "tensorflow":
+        return pillow_images.decode_image(image_string)
     return tf.io.decode_image(image_string, channels=3, dtype=tf.uint8, expand_animations=False)
 
 
@@ -128,6 +112,8 @@ def preprocess_image(filename, image_size=target_shape):
     (it subtracts the ImageNet channel means in that scale): the pretrained weights then
     see almost constant images. The values stay 0-255 here.
     """
+    if keras.backend.backend() != "tensorflow":  # Pillow and NumPy give the same pixels
+        return pillow_images.read_image(filename, image_size)
     image_string = tf.io.read_file(filename)
     image = decode_image(image_string)
     image = tf.cast(image, tf.float32)
@@ -147,11 +133,10 @@ def preprocess_triplets(anchor, positive, negative, image_size=target_shape):
 def split_pairs(pair_count, validation_split=validation_split, seed=seed):
     """Indices of the training and the validation pairs, each sorted.
 
-    The example shuffles the triplets with a reshuffle on every iteration and then splits
-    them with `take`/`skip`, so every epoch validates on different pairs, most of which it
-    trained on before. Here the pairs are split once, by a seeded permutation, before
-    anything is shuffled. Each side needs two pairs, since a negative comes from another
-    pair of the same side.
+    The example shuffles the triplets, reshuffled on every iteration, and then splits them
+    with `take`/`skip`: every epoch validates on other pairs, most of them trained on
+    before. Here the pairs are split once, by a seeded permutation, before anything is
+    shuffled. Each side needs two pairs: a negative comes from another pair of its side.
     """
     train_count = round(pair_count * (1 - validation_split))
     if train_count < 2 or pair_count - train_count < 2:
@@ -204,6 +189,8 @@ def training_triplet_indices(pair_count, seed=seed):
     """
     if pair_count < 2:
         raise ValueError("training needs at least two pairs")
+    if keras.backend.backend() != "tensorflow":  # JAX, PyTorch: a function of the epoch
+        return functools.partial(epoch_triplet_indices, pair_count, seed=seed)
     pairs = tf.data.Dataset.range(pair_count)
     pairs = pairs.shuffle(pair_count, seed=seed, reshuffle_each_iteration=True)
     random_numbers = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
@@ -219,6 +206,13 @@ def training_triplet_indices(pair_count, seed=seed):
     return dataset.map(add_negative, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def epoch_triplet_indices(pair_count, epoch, seed=seed):
+    """`training_triplet_indices`' rules in NumPy (JAX, PyTorch): epoch `epoch`'s 3 arrays."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(pair_count)
+    return order, order + pair_count, choose_negatives(pair_count, rng)[order]
+
+
 def training_triplets(anchor_images, positive_images, seed=seed):
     """A `tf.data` dataset of (anchor, positive, negative) file names for training.
 
@@ -227,7 +221,11 @@ def training_triplets(anchor_images, positive_images, seed=seed):
     """
     if len(anchor_images) != len(positive_images):
         raise ValueError("training_triplets needs as many anchors as positives")
-    pool = tf.constant(list(anchor_images) + list(positive_images))
+    pool = list(anchor_images) + list(positive_images)
+    if keras.backend.backend() != "tensorflow":  # the first epoch's, as a list
+        triplets = epoch_triplet_indices(len(anchor_images), 0, seed)
+        return [tuple(pool[index] for index in triplet) for triplet in zip(*triplets, strict=True)]
+    pool = tf.constant(pool)
     return training_triplet_indices(len(anchor_images), seed).map(
         lambda *triplet: tuple(tf.gather(pool, index) for index in triplet),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -242,18 +240,20 @@ def validation_triplet_indices(negative_indices):
     """
     negative_indices = np.asarray(negative_indices, np.int64)
     pair_count = len(negative_indices)
-    return tf.data.Dataset.from_tensor_slices(
-        (np.arange(pair_count), np.arange(pair_count) + pair_count, negative_indices)
-    )
+    triplets = (np.arange(pair_count), np.arange(pair_count) + pair_count, negative_indices)
+    if keras.backend.backend() != "tensorflow":  # the three arrays, for JAX and PyTorch
+        return triplets
+    return tf.data.Dataset.from_tensor_slices(triplets)
 
 
 def make_dataset(triplet_files, image_size=target_shape, batch_size=batch_size):
     """Decode the triplets' images and batch them, as the example does.
 
     Training reads them as rows of images decoded once (`stored_datasets`); this pipeline
-    feeds `visualize` and the benchmarks.
-    """
+    feeds `visualize` and the benchmarks (under JAX and PyTorch, batches of NumPy arrays)."""
     load_triplet = functools.partial(preprocess_triplets, image_size=image_size)
+    if keras.backend.backend() != "tensorflow":  # NumPy batches, for JAX and PyTorch
+        return stores.numpy_image_batches(triplet_files, load_triplet, batch_size)
     dataset = triplet_files.map(load_triplet, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=False)
     return dataset.prefetch(tf.data.AUTOTUNE)
@@ -284,10 +284,8 @@ def visualize(anchor, positive, negative, path):
 
 @keras.saving.register_keras_serializable(package="triplet_totally_looks_like")
 class ResNetPreprocessing(layers.Layer):
-    """`resnet.preprocess_input` as a layer: 0-255 RGB to ResNet50's BGR, mean-centred.
-
-    A layer instead of a `Lambda`, so the saved embedding model reloads in safe mode.
-    """
+    """`resnet.preprocess_input` as a layer: 0-255 RGB to ResNet50's BGR, mean-centred. A
+    layer instead of a `Lambda`, so the saved embedding model reloads in safe mode."""
 
     def call(self, inputs):
         return resnet.preprocess_input(inputs)
@@ -300,8 +298,7 @@ def set_trainable_layers(base_cnn, first_trainable=first_trainable_layer):
     """Freeze every layer of `base_cnn` before `first_trainable`; train it and the rest.
 
     A frozen BatchNormalization layer also runs in inference mode in Keras 3, so the frozen
-    part computes the same features for an image in every epoch.
-    """
+    part computes the same features for an image in every epoch."""
     if first_trainable not in [layer.name for layer in base_cnn.layers]:
         raise ValueError(f"{base_cnn.name} has no layer named {first_trainable}")
     trainable = False
@@ -314,13 +311,11 @@ def set_trainable_layers(base_cnn, first_trainable=first_trainable_layer):
 def build_embedding_network(image_size=target_shape, weights="imagenet"):
     """The example's embedding model, named "Embedding", taking 0-255 RGB images.
 
-    ResNet50 (frozen before `conv5_block1_out`) -> Flatten -> Dense(512, relu) ->
-    BatchNorm -> Dense(256, relu) -> BatchNorm -> Dense(256). The example applies
-    `resnet.preprocess_input` in the Siamese network; here it is the embedding model's
-    first layer, so the saved model takes plain images. `stores.split_at_layer` cuts it
-    into the frozen trunk and the trainable tail (see `main`). `weights` is "imagenet", None
-    or a local weights file; a failed download or a file that does not fit is one clear error.
-    """
+    ResNet50 (frozen before `conv5_block1_out`) -> Flatten -> Dense(512, relu) -> BatchNorm
+    -> Dense(256, relu) -> BatchNorm -> Dense(256). The example applies `preprocess_input` in
+    the Siamese network; here it is the embedding model's first layer, so the saved model
+    takes plain images (`stores.split_at_layer` cuts it into frozen trunk and trainable tail).
+    `weights`: "imagenet", None or a local weights file; failures are one clear error."""
     input_shape = tuple(image_size) + (3,)
     weights = downloads.weights_choice(weights, "ResNet50")
     with downloads.weights_errors(weights, "ResNet50", include_top=False):
@@ -363,12 +358,9 @@ def build_siamese_network(embedding):
     anchor_input = keras.Input(name="anchor", shape=input_shape)
     positive_input = keras.Input(name="positive", shape=input_shape)
     negative_input = keras.Input(name="negative", shape=input_shape)
-    # float32 under mixed precision too (the layer casts its inputs): float16 squares
-    # overflow early.
+    # float32 under mixed precision too (it casts its inputs): float16 squares overflow early.
     distances = DistanceLayer(name="distances", dtype="float32")(
-        embedding(anchor_input),
-        embedding(positive_input),
-        embedding(negative_input),
+        embedding(anchor_input), embedding(positive_input), embedding(negative_input)
     )
     siamese_network = keras.Model(
         [anchor_input, positive_input, negative_input], distances, name="siamese_network"
@@ -384,11 +376,10 @@ def stored_datasets(embedding, files, val_negatives, image_size, batch_size, opt
 
     The example decodes every triplet's images in every epoch and runs all of ResNet50 at
     every step. Here each image is decoded once and, with `cache_features`, runs through the
-    frozen trunk once; the trainable tail (`network`) trains on the stored features.
-    `files`: training, validation images (anchors first); `options`: `(cache_features,
-    cache_folder, seed)`. Returns network, both datasets, val_store and seconds_caching.
-    """
-    cache_features, cache_folder, seed = options
+    frozen trunk once; the trainable tail (`network`) trains on the stored features. `files`:
+    training, validation images (anchors first); `options`: `(cache_features, cache_folder,
+    seed, share)` (`Placement.share`). Returns network, datasets, val_store, seconds_caching."""
+    cache_features, cache_folder, seed, share = options
     trunk, network = None, embedding
     if cache_features:
         trunk, network = stores.split_at_layer(embedding, "resnet50", first_trainable_layer)
@@ -397,9 +388,9 @@ def stored_datasets(embedding, files, val_negatives, image_size, batch_size, opt
         files, load_image, image_size, batch_size, cache_folder, trunk
     )
     train_triplets = training_triplet_indices(len(files[0]) // 2, seed)
-    train_dataset = stores.make_store_dataset(train_store, train_triplets, batch_size)
+    train_dataset = stores.make_store_dataset(train_store, train_triplets, batch_size, share)
     val_triplets = validation_triplet_indices(val_negatives)
-    val_dataset = stores.make_store_dataset(val_store, val_triplets, batch_size)
+    val_dataset = stores.make_store_dataset(val_store, val_triplets, batch_size, share)
     return network, train_dataset, val_dataset, val_store, seconds_caching
 
 
@@ -414,72 +405,79 @@ class SiameseModel(keras.Model):
     The example's `_compute_loss` is `_compute_triplet_loss` here: Keras 3 models have a
     method of the example's name that this one would shadow. The loss is the mean over the
     batch (the example differentiates the per-triplet vector, i.e. its sum: with Adam the
-    difference is only a constant factor on the gradient). With `negatives` "semi-hard" or
-    "hard", `train_step` chooses each anchor's negative in the batch (`--negatives`).
-    """
+    difference is only a constant factor on the gradient). `negatives` "semi-hard", "hard":
+    mined in the batch (in each of its `groups` shares)."""
 
-    def __init__(self, siamese_network, margin=margin, negatives="random", **kwargs):
+    def __init__(self, siamese_network, margin=margin, negatives="random", groups=1, **kwargs):
         super().__init__(**kwargs)
         self.siamese_network = siamese_network
         self.margin = margin
-        self.negatives = mining.checked_strategy(negatives)
+        self.negatives, self.groups = mining.checked_strategy(negatives), groups
         # The Siamese network's shared embedding network and distance layer, for mining.
         self.embedding = next(x for x in siamese_network.layers if isinstance(x, keras.Model))
         self.distance_layer = siamese_network.get_layer("distances")
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        # Its one layer, the functional network, is built already. BackupAndRestore
-        # refuses a model that does not say so.
-        self.built = True
+        self.built = True  # its functional network is; BackupAndRestore refuses one that is not
 
     def call(self, inputs, training=False):
         anchor, positive, negative = inputs
+        if training and self.negatives != "random":  # `compute_loss` mines among these
+            return self.embedding(anchor, training=True), self.embedding(positive, training=True)
         return self.siamese_network([anchor, positive, negative], training=training)
 
-    def train_step(self, data):
-        # GradientTape records the forward pass, to differentiate the loss afterwards.
-        with tf.GradientTape() as tape:
-            if self.negatives == "random":  # the example: the dataset's random negatives
-                loss = self._compute_triplet_loss(data, training=True)
-            else:
-                loss = self._compute_mined_triplet_loss(data)
-            # Under tf.distribute each replica has a slice of the batch and the gradients
-            # are summed over replicas: dividing each replica's mean by their number makes
-            # the sum the gradient of the mean over the global batch.
-            replicas = self.distribute_strategy.num_replicas_in_sync
-            # Under mixed precision the optimizer is a LossScaleOptimizer: the scaled loss
-            # keeps float16 gradients from underflowing, and apply_gradients unscales them.
-            scaled_loss = self.optimizer.scale_loss(loss / replicas)
-        trainable_weights = self.siamese_network.trainable_weights
-        gradients = tape.gradient(scaled_loss, trainable_weights)
-        self.optimizer.apply_gradients(zip(gradients, trainable_weights, strict=True))
-        self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+    # Two paths, one loss. Under TensorFlow, the example's own steps with tf.GradientTape.
+    # JAX has no tape (its step is a pure function of the variables) and PyTorch records its
+    # own graph: there Keras's default steps run. Both call `compute_loss` on `call`'s outputs.
+    if keras.backend.backend() == "tensorflow":
 
-    def test_step(self, data):
-        loss = self._compute_triplet_loss(data, training=False)
-        self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        def train_step(self, data):
+            (triplet,) = data  # batches are ((anchor, positive, negative),) on every backend
+            # GradientTape records the forward pass, to differentiate the loss afterwards.
+            with tf.GradientTape() as tape:
+                loss = self._compute_triplet_loss(triplet, training=True)
+                # Under tf.distribute each replica has a slice of the batch and the gradients
+                # are summed over replicas: dividing each replica's mean by their number makes
+                # the sum the gradient of the mean over the global batch.
+                replicas = self.distribute_strategy.num_replicas_in_sync
+                # Under mixed precision the optimizer is a LossScaleOptimizer: the scaled loss
+                # keeps float16 gradients from underflowing, and apply_gradients unscales them.
+                scaled_loss = self.optimizer.scale_loss(loss / replicas)
+            trainable_weights = self.siamese_network.trainable_weights
+            gradients = tape.gradient(scaled_loss, trainable_weights)
+            self.optimizer.apply_gradients(zip(gradients, trainable_weights, strict=True))
+            return {"loss": self.loss_tracker.result()}  # updated by `compute_loss`
 
-    def _compute_triplet_loss(self, data, training):
+        def test_step(self, data):
+            (triplet,) = data
+            self._compute_triplet_loss(triplet, training=False)
+            return {"loss": self.loss_tracker.result()}
+
+    def _compute_triplet_loss(self, triplet, training):
         # The example calls the network without `training`; the head's BatchNormalization
         # layers must use batch statistics (and update their averages) in training only.
-        ap_distance, an_distance = self(data, training=training)
-        ap_distance = ops.cast(ap_distance, "float32")
-        an_distance = ops.cast(an_distance, "float32")
-        return ops.mean(triplet_loss(ap_distance, an_distance, self.margin))
+        y_pred = self(triplet, training=training)
+        return self.compute_loss(triplet, y_pred=y_pred, training=training)
 
-    def _compute_mined_triplet_loss(self, data):
-        # Mined online, as in FaceNet: each anchor's negative is an image of another pair of
-        # this batch, chosen on this step's embeddings; the dataset's random one is not used.
-        # Under tf.distribute, each replica mines in its own share of the batch.
-        anchor, positive, _ = data
-        anchor = self.embedding(anchor, training=True)
-        positive = self.embedding(positive, training=True)
-        negative, found = mining.mine_negatives(anchor, positive, self.negatives)
-        ap_distance, an_distance = self.distance_layer(anchor, positive, negative)
-        losses = triplet_loss(ap_distance, an_distance, self.margin)
-        # A pair alone in its (last, short) batch has no negative there: it costs nothing.
-        return ops.mean(ops.where(found, losses, 0.0))
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The batch's mean triplet loss from `call`'s outputs `y_pred`, on every backend.
+
+        It reads only `y_pred` (JAX runs it without the layers' state); `sample_weight` 0
+        marks padding. As Keras's documentation of this hook does, it updates the tracker.
+        """
+        if training and self.negatives != "random":
+            # Mined online, as in FaceNet: each anchor's negative is an image of another pair
+            # of its share of the batch, chosen on this step's embeddings, not the dataset's.
+            anchor, positive = y_pred
+            negative, found = mining.mine_negatives(anchor, positive, self.negatives, self.groups)
+            ap_distance, an_distance = self.distance_layer(anchor, positive, negative)
+            # A pair alone in its (last, short) batch has no negative there: it costs nothing.
+            losses = ops.where(found, triplet_loss(ap_distance, an_distance, self.margin), 0.0)
+        else:  # the dataset's negatives; the distances are float32 (`build_siamese_network`)
+            losses = triplet_loss(*y_pred, self.margin)
+        weights = ops.ones_like(losses) if sample_weight is None else sample_weight
+        loss = ops.sum(losses * weights) / ops.sum(weights)
+        self.loss_tracker.update_state(loss)
+        return loss
 
     @property
     def metrics(self):
@@ -494,14 +492,9 @@ def train(siamese_model, train_dataset, val_dataset, epochs, learning_rate, jit_
     """The example's training: Adam, `fit`, validation; XLA as `jit_compile` says, or Keras."""
     jit = "auto" if jit_compile is None else jit_compile
     siamese_model.compile(keras.optimizers.Adam(learning_rate), jit_compile=jit)
-    return siamese_model.fit(
-        train_dataset,
-        epochs=epochs,
-        validation_data=val_dataset,
-        callbacks=list(callbacks),
-        shuffle=False,  # the dataset reshuffles itself every epoch
-        verbose=progress.fit_verbosity(),
-    )
+    # shuffle=False: the dataset reshuffles itself every epoch.
+    options = dict(callbacks=list(callbacks), shuffle=False, verbose=progress.fit_verbosity())
+    return siamese_model.fit(train_dataset, epochs=epochs, validation_data=val_dataset, **options)
 
 
 # --- Inspecting what the network has learned ----------------------------------------------
@@ -510,9 +503,9 @@ def train(siamese_model, train_dataset, val_dataset, epochs, learning_rate, jit_
 def evaluate_embeddings(network, val_store, val_negatives, batch_size=batch_size):
     """Cosine similarities, distances, triplet accuracy and recall on the validation pairs.
 
-    The example embeds one training batch and prints the mean cosine similarity of anchors
-    to positives and to negatives. Here each validation image is embedded once, from its
-    store, and every fixed validation triplet is scored (`evaluation.evaluate_triplets`).
+    The example prints the mean cosine similarities of one training batch's anchors to its
+    positives and negatives. Here each validation image is embedded once, from its store,
+    and every fixed validation triplet is scored (`evaluation.evaluate_triplets`).
     """
     embeddings = stores.embed_store(network, val_store, batch_size)
     pairs = len(val_negatives)  # anchors first, then positives
@@ -537,15 +530,16 @@ def main(argv=None):
         inputs = (args.query, args.gallery, args.k, args.run_dir, args.output, args.batch_size)
         return gallery.search_gallery(*inputs, preprocess_image, decode_image)
     image_size, batch_size = (args.image_size, args.image_size), args.batch_size
-    # The run folder: one run at a time, resumable with the same data and settings.
+    # The run folder: one run at a time, resumable; process 0 of several writes the outputs.
     folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
-    with run_folder.Run(*folder, outputs=OUTPUT_FILES, epochs=args.epochs) as run:
+    place, outputs = devices.process_place(args.distribute), command_line.TRIPLET_OUTPUT_FILES
+    with run_folder.Run(*folder, place, outputs, epochs=args.epochs) as run:
         args.weights = downloads.weights_choice(args.weights, "ResNet50")
-        strategy, device_line = devices.choose_strategy(args.distribute)
-        print(device_line, flush=True)
+        placement = devices.choose_placement(args.distribute, batch_size)
+        print(placement.line, flush=True)
         policy = devices.mixed_precision_policy(args.mixed_precision)  # default: on with a GPU
         args.mixed_precision = run.enter_context(policy)
-        keras.utils.set_random_seed(args.seed)
+        devices.set_random_seed(args.seed)  # Python, NumPy and the backend
 
         # Load the dataset: the folder given, generated pairs for a dry run, or the download.
         data_dir = load_dataset(args.data_dir, args.dry_run, args.seed, run.temporary_folder)
@@ -555,46 +549,52 @@ def main(argv=None):
             data_dir, args.limit, args.validation_split, args.seed
         )
         val_anchors, val_positives, val_negatives = validation
-        args.replicas = strategy.num_replicas_in_sync
+        args.replicas = placement.device_count
         mining.check_batch_size(batch_size, len(train_anchors), args.negatives, args.replicas)
-        settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-        output_dir = run.start((train_anchors, val_anchors), settings, RESUMED_SETTINGS)
-        if not args.no_plots:
+        settings = {name: getattr(args, name) for name in command_line.TRIPLET_RUN_SETTINGS}
+        resumed = command_line.TRIPLET_RESUMED_SETTINGS  # recorded, and checked on --resume
+        output_dir = run.start((train_anchors, val_anchors), settings, resumed)
+        if run.writes_outputs and not args.no_plots:
             triplets = training_triplets(train_anchors, train_positives, args.seed)
             batch = next(iter(make_dataset(triplets, image_size, 3)))
             visualize(*batch, output_dir / "triplets.png")
 
         # The embedding model and the Siamese network, trained on stored images or features.
-        with strategy.scope():
+        with placement.scope():  # the weights of every device, process and replica
             embedding = build_embedding_network(image_size, args.weights)
-            files = (train_anchors + train_positives, val_anchors + val_positives)
-            options = (args.cache_features, run.cache_folder(), args.seed)
-            network, train_dataset, val_dataset, val_store, seconds_caching = stored_datasets(
-                embedding, files, val_negatives, image_size, batch_size, options
-            )
+        files = (train_anchors + train_positives, val_anchors + val_positives)
+        options = (args.cache_features, run.cache_folder(), args.seed, placement.share)
+        network, train_dataset, val_dataset, val_store, seconds_caching = stored_datasets(
+            embedding, files, val_negatives, image_size, batch_size, options
+        )
+        before = evaluate_embeddings(network, val_store, val_negatives, batch_size)
+        with placement.scope():
             siamese_network = build_siamese_network(network)
-            siamese_model = SiameseModel(siamese_network, args.margin, args.negatives)
-            before = evaluate_embeddings(network, val_store, val_negatives, batch_size)
+            shares = placement.loss_shares  # mined apart: each device's share of a batch
+            siamese_model = SiameseModel(siamese_network, args.margin, args.negatives, shares)
             training = (args.epochs, args.learning_rate, args.jit_compile, run.callbacks)
             train(siamese_model, train_dataset, val_dataset, *training)
-            after = evaluate_embeddings(network, val_store, val_negatives, batch_size)
+        after = evaluate_embeddings(network, val_store, val_negatives, batch_size)
 
         # Inspecting what the network has learned, triplet by triplet.
-        print_similarities(val_anchors, after)
+        if run.writes_outputs:  # process 0 of several
+            print_similarities(val_anchors, after)
 
         # The port's extras: similarities, plots, the model, history and metrics.json, last.
         run.write_csv(evaluation.similarity_rows(*validation, data_dir, after), "similarities.csv")
-        if not args.no_plots:
+        if run.writes_outputs and not args.no_plots:
             load_image = functools.partial(preprocess_image, image_size=image_size)
             figures = (before, after, val_anchors, val_positives, load_image)
             plots.plot_triplet_run(output_dir, run.history(), *figures)
         metrics = evaluation.triplet_run_metrics(run.history(), before, after, seconds_caching)
         metrics.update(training_pairs=len(train_anchors), validation_pairs=len(val_anchors))
-        run.finish({"embedding.keras": embedding}, {**metrics, "skipped_pairs": skipped}, settings)
-        print(f"Saved the embedding model, history, metrics and plots in {output_dir}")
-        print(evaluation.summary_lines(before, after))
+        metrics["skipped_pairs"] = skipped
+        if run.finish({"embedding.keras": embedding}, metrics, settings):
+            print(f"Saved the embedding model, history, metrics and plots in {output_dir}")
+            print(evaluation.summary_lines(before, after))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # After a failed multi-process run, exit without waiting for the lost processes.
+    sys.exit(devices.leave(main()))

@@ -60,8 +60,9 @@ def step_times(args):
         optimizer=tll.keras.optimizers.Adam(tll.learning_rate),
         jit_compile="auto" if args.jit_compile is None else args.jit_compile,
     )
-    # fit() on a repeated batch runs the script's own train_step, as in training.
-    dataset = tll.tf.data.Dataset.from_tensors(batch).repeat()
+    # fit() on a repeated batch runs the script's own train_step, as in training; the triplet
+    # is the batch's one element, as the script's pipeline gives it.
+    dataset = tll.tf.data.Dataset.from_tensors((batch,)).repeat()
     timer = _BatchTimer()
     siamese_model.fit(
         dataset, steps_per_epoch=args.warmup + args.steps, epochs=1, callbacks=[timer], verbose=0

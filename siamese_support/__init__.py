@@ -7,7 +7,8 @@ tutorial. The scripts import it; it never imports a script. Modules:
 - `command_line`: both scripts' options, and mistakes reported in one line with exit code 2.
 - `devices`: TensorFlow's quiet start, the device line, `tf.distribute` strategies, threads,
   mixed precision.
-- `pipelines`: `tf.data` helpers (per-epoch shuffled index batches, autotuning off).
+- `pipelines`: `tf.data` helpers (per-epoch shuffled index batches, autotuning off), and the
+  NumPy batches (`PairBatches`, `TripletBatches`) that replace them under JAX and PyTorch.
 - `progress`: long work shows Keras's bar on a terminal, a line every 5 % in a log; `fit()`'s
   verbosity to match. Imports nothing heavy (Keras only inside its functions).
 - `run_folder`: the output folder (one run at a time), atomic writes, the per-epoch backup,
@@ -18,6 +19,7 @@ tutorial. The scripts import it; it never imports a script. Modules:
 - `downloads`: the Totally Looks Like download, a zip extraction that cannot escape, and
   the ResNet50 weights choice with its errors in one line.
 - `image_folders`: the `left/` and `right/` folders of an image-pair dataset, checked.
+- `pillow_images`: image files read with Pillow and NumPy as TensorFlow reads them (JAX, PyTorch).
 - `stores`: decoded images and frozen-trunk features, computed once per run.
 - `synthetic`: generated image pairs for offline runs and tests.
 - `real_pairs`: real-image pairs (MNIST digits) in the Totally Looks Like layout, for offline
@@ -29,8 +31,8 @@ tutorial. The scripts import it; it never imports a script. Modules:
   gallery folder's embeddings.
 
 `command_line` imports nothing heavy, so that the command line answers before TensorFlow's
-import. `stores` imports TensorFlow when it is imported; `devices`, `pipelines`,
-`image_folders`, `synthetic` and `real_pairs` only inside the functions that need it;
-`mining` imports Keras; `gallery` imports TensorFlow, `trained_model` Keras and Pillow inside
-the functions that need them.
+import. `devices`, `pipelines`, `stores`, `image_folders` and `gallery` import TensorFlow only
+inside the functions of its path, so that both scripts run where it is not installed;
+`mining`, `stores` and `gallery` import Keras; `pillow_images`, `synthetic`, `real_pairs` and
+`trained_model` import Pillow (and `trained_model` Keras) inside the functions that need them.
 """

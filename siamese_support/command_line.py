@@ -22,6 +22,15 @@ NEGATIVES_CHOICES = ("random", "semi-hard", "hard")
 # Where the runs go unless --output-dir says otherwise: (a run's, a --dry-run's).
 MNIST_OUTPUT_DIRS = ("runs/mnist_siamese", "runs/mnist_siamese_dry_run")
 TRIPLET_OUTPUT_DIRS = ("runs/triplet_totally_looks_like", "runs/triplet_totally_looks_like_dry_run")
+# Every file a triplet run writes in its output folder (`--overwrite` removes only these).
+TRIPLET_OUTPUT_FILES = ("metrics.json", "embedding.keras", "history.csv", "history-progress.csv")
+TRIPLET_OUTPUT_FILES += ("split.json", "settings.json", "similarities.csv", "triplets.png")
+TRIPLET_OUTPUT_FILES += ("loss.png", "distances.png", "retrieval.png")
+# The triplet settings a resumed run must keep (--epochs, --jit-compile, --distribute may
+# change), and all that its metrics.json records.
+TRIPLET_RESUMED_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate", "weights")
+TRIPLET_RESUMED_SETTINGS += ("negatives", "cache_features", "mixed_precision")
+TRIPLET_RUN_SETTINGS = TRIPLET_RESUMED_SETTINGS + ("seed", "jit_compile", "replicas", "dry_run")
 
 
 class DownloadError(RuntimeError):
@@ -489,14 +498,14 @@ def triplet_parser(defaults):
         "--mixed-precision",
         action=argparse.BooleanOptionalAction,
         help="compute in float16, keep weights, distances and loss in float32 (default: on "
-        "when TensorFlow sees a GPU, off otherwise)",
+        "when the Keras backend sees a GPU, off otherwise)",
     )
     parser.add_argument(
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
         help="compile the training step with XLA (default: Keras decides, on with a GPU)",
     )
-    add_distribute_option(parser)
+    add_distribute_option(parser, multi_process=True)
     parser.add_argument(
         "--dry-run",
         action="store_true",

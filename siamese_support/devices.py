@@ -1,8 +1,8 @@
 """TensorFlow's quiet start, the device line, distribution over devices and processes, threads.
 
 These decide where and how the tutorials' code runs, not what it computes, so they live
-here. TensorFlow and JAX are imported inside the functions that need them: the MNIST script
-runs under any Keras backend, without TensorFlow installed.
+here. TensorFlow and JAX are imported inside the functions that need them: both scripts
+run under any Keras backend, without TensorFlow installed.
 """
 
 import collections
@@ -79,14 +79,21 @@ class Placement(
         "Placement", ["scope", "line", "process_index", "process_count", "device_count"]
     )
 ):
-    """Where the MNIST script trains: `scope()` to build and fit in, the first output line,
-    this process's place among the processes of a multi-process run, and the number of
-    devices each batch is spread over by Keras's `DataParallel` (1 otherwise)."""
+    """Where a script trains: `scope()` to build and fit in, the first output line, this
+    process's place among the processes of a multi-process run, and the number of devices
+    each batch is spread over: `tf.distribute`'s replicas, or the devices of Keras's
+    `DataParallel` (1 otherwise). Only JAX's input pipelines split batches themselves."""
 
     @property
     def share(self):
         """`(process_index, process_count, device_count)`: which part of each batch to feed."""
         return self.process_index, self.process_count, self.device_count
+
+    @property
+    def loss_shares(self):
+        """How many devices' shares of a batch a loss sees at once: all of `DataParallel`'s
+        under JAX; 1 otherwise (`tf.distribute` runs the loss once per replica's share)."""
+        return self.device_count if keras_backend() == "jax" else 1
 
 
 def set_random_seed(seed):
@@ -155,25 +162,6 @@ def require_backend(prog, supported=TRAINING_BACKENDS):
         return name
     print(f"{prog}: error: {problem}; choose {choices} with KERAS_BACKEND", file=sys.stderr)
     sys.exit(2)
-
-
-def require_tensorflow_backend(prog):
-    """Exit with one line and code 2 unless Keras will run on TensorFlow.
-
-    For the triplet script, whose tutorial is `tf.data` and `tf.GradientTape`: started
-    under JAX or PyTorch it says so, before anything is imported.
-    """
-    backend = configured_backend()
-    if backend not in KERAS_BACKENDS or backend == "tensorflow":
-        require_backend(prog, ("tensorflow",))  # a name Keras does not know, or no TensorFlow
-    else:
-        print(
-            f"{prog}: error: this script runs on TensorFlow only (its tutorial is tf.data and "
-            f"tf.GradientTape), but Keras is set to {backend}: run it with "
-            "KERAS_BACKEND=tensorflow (mnist_siamese.py runs under JAX and PyTorch too)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
 
 
 def keras_backend():
@@ -264,7 +252,7 @@ def refuse_unsupported(distribute, backend):
 
 
 def choose_placement(distribute, batch_size):
-    """Where the MNIST script trains, on whichever Keras backend runs: a `Placement`.
+    """Where a script trains, on whichever Keras backend runs: a `Placement`.
 
     TensorFlow: `choose_strategy`. JAX: one device, Keras's `DataParallel` over the local
     devices when `auto` finds several, or over every device of every process with
@@ -278,7 +266,8 @@ def choose_placement(distribute, batch_size):
     refuse_unsupported(distribute, backend)
     if backend == "tensorflow":
         strategy, line = choose_strategy(distribute)
-        return Placement(strategy.scope, f"Backend: tensorflow. {line}", 0, 1, 1)
+        replicas = strategy.num_replicas_in_sync
+        return Placement(strategy.scope, f"Backend: tensorflow. {line}", 0, 1, replicas)
     if backend != "jax":
         import torch
 
@@ -358,6 +347,20 @@ def gpu_visible():
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def accelerator_visible():
+    """Whether the Keras backend in use computes on a GPU (TensorFlow, JAX or PyTorch)."""
+    backend = keras_backend()
+    if backend == "tensorflow":
+        return gpu_visible()
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform == "gpu"
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def configure_threads(requested, network):
     """Set how many threads TensorFlow gives one operation; return the number in effect.
 
@@ -411,14 +414,15 @@ def without_autotuning(dataset):
 def mixed_precision_policy(enabled):
     """Compute in float16 inside the block when `enabled`, with weights in float32.
 
-    `enabled` None: when TensorFlow sees a GPU. Yields whether the block computes in float16.
+    `enabled` None: when the backend computes on a GPU. Yields whether the block computes in
+    float16.
     The previous global policy is restored afterwards, so that a script's `main()` called
     inside another program leaves it as it was.
     """
     import keras
 
     if enabled is None:
-        enabled = gpu_visible()
+        enabled = accelerator_visible()
     previous = keras.mixed_precision.dtype_policy()
     try:
         if enabled:

@@ -12,8 +12,8 @@ import os
 import pathlib
 import time
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from siamese_support import command_line, evaluation, image_folders, plots, run_folder, stores
 from siamese_support.devices import stderr_silenced
@@ -149,14 +149,17 @@ def readable_files(files, decode_image):
 
 
 def read_image(path, load_image):
-    """One image file through the training's loader, as a 0-255 float array (ValueError)."""
+    """One image file through the training's loader, as a 0-255 float array (ValueError).
+
+    The loader is TensorFlow's under TensorFlow, Pillow and NumPy's under JAX and PyTorch.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such image file")
     try:
         with stderr_silenced():  # the JPEG library's own complaint; the error says it
-            return load_image(tf.constant(str(path))).numpy()
-    except tf.errors.OpError as error:
+            return np.asarray(load_image(str(path)))
+    except image_folders.decoding_errors() as error:
         reason = image_folders._decode_error_reason(error)
         raise ValueError(f"{path}: not an image the training could read ({reason})") from None
 
@@ -170,7 +173,8 @@ def load_run_model(run_dir):
 
 def embed(model, images):
     """Embeddings of a batch of 0-255 images, as float64 rows."""
-    return np.asarray(model(np.stack(images), training=False), np.float64)
+    embeddings = model(np.stack(images), training=False)
+    return np.asarray(keras.ops.convert_to_numpy(embeddings), np.float64)
 
 
 def compare_images(images, run_dir, preprocess_image):

@@ -5,6 +5,7 @@ whose partner is missing, and images that cannot be decoded; finding those befor
 starts is not the tutorial's subject, so it lives here.
 """
 
+import concurrent.futures
 import os
 import pathlib
 import re
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 
 from siamese_support.command_line import one_line
-from siamese_support.devices import stderr_silenced
+from siamese_support.devices import keras_backend, stderr_silenced
 
 # The extensions `keras.utils.image_dataset_from_directory` reads, which the decoder knows.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -83,6 +84,16 @@ def find_image_pairs(data_dir):
     return [str(path) for path in anchor_images], [str(path) for path in positive_images]
 
 
+def decoding_errors():
+    """The exceptions a failed decoding raises: Pillow's `ValueError` and `OSError`, and
+    TensorFlow's `OpError` where TensorFlow is the backend."""
+    if keras_backend() != "tensorflow":
+        return (ValueError, OSError)
+    import tensorflow as tf
+
+    return (ValueError, OSError, tf.errors.OpError)
+
+
 def _decode_error_reason(error):
     """TensorFlow's decoding error message without its graph-node prefix and op suffix."""
     message = getattr(error, "message", None) or str(error)
@@ -96,13 +107,18 @@ def find_unreadable_images(filenames, decode_image):
 
     Returns `{filename: reason}`. All files are decoded once, in parallel, with the same
     decoder as the training pipeline, so a corrupt or truncated file is found before
-    training starts instead of stopping it midway.
+    training starts instead of stopping it midway. Under JAX and PyTorch, `decode_image`
+    (Pillow) reads the files' bytes in one thread per core.
     """
-    import tensorflow as tf
-
     filenames = list(filenames)
     if not filenames:
         return {}
+    if keras_backend() != "tensorflow":
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            reasons = pool.map(lambda name: _reading_error(name, decode_image), filenames)
+            return {name: why for name, why in zip(filenames, reasons, strict=True) if why}
+    import tensorflow as tf
+
     dataset = tf.data.Dataset.from_tensor_slices(
         (np.arange(len(filenames), dtype=np.int64), filenames)
     )
@@ -124,6 +140,15 @@ def find_unreadable_images(filenames, decode_image):
             except (tf.errors.OpError, OSError) as error:
                 unreadable[filename] = _decode_error_reason(error)
     return unreadable
+
+
+def _reading_error(filename, decode_image):
+    """Why `decode_image` cannot read the file's bytes, or None when it can (Pillow's path)."""
+    try:
+        decode_image(pathlib.Path(filename).read_bytes())
+    except (ValueError, OSError) as error:
+        return one_line(getattr(error, "strerror", None) or str(error) or type(error).__name__)
+    return None
 
 
 def drop_unreadable_pairs(anchor_images, positive_images, decode_image):

@@ -4,9 +4,9 @@ The keras.io example draws one random negative per anchor, once, in its input pi
 Most random negatives are already far from their anchor and cost nothing, so training
 learns little from them. FaceNet (Schroff, Kalenichenko & Philbin 2015) chooses negatives
 online instead, inside each batch, from the embeddings the network computes at that step.
-The triplet script's `train_step` asks this module for each anchor's negative; the masked
-distance matrices and the selection live here, written with `keras.ops` so that they run
-inside the compiled training step (with XLA too).
+The triplet script's loss (`compute_loss`, under every backend) asks this module for each
+anchor's negative; the masked distance matrices and the selection live here, written with
+`keras.ops` so that they run inside the compiled training step (with XLA too).
 
 A batch holds B pairs (anchor i, positive i). The candidate negatives of anchor i are the
 2B - 2 images of the other pairs: every anchor and every positive of pair j != i, never an
@@ -51,8 +51,8 @@ def check_batch_size(batch_size, training_pairs, strategy="random", replicas=1):
     """Refuse a batch size that cannot train: above the training pairs, or too small to mine.
 
     Under `tf.distribute` each replica mines in its own share of the batch (batch_size /
-    replicas pairs, never searching the other replicas' shares), so mining needs two pairs
-    per replica at least.
+    replicas pairs, never searching the other replicas' shares), and so does each device
+    under JAX's `DataParallel`: mining needs two pairs per replica at least.
     """
     if batch_size > training_pairs:
         raise ValueError(
@@ -113,13 +113,25 @@ def select_negatives(anchor_embeddings, positive_embeddings, strategy):
     return ops.where(ops.any(farther, axis=1), closest_farther, farthest), found
 
 
-def mine_negatives(anchor_embeddings, positive_embeddings, strategy):
+def mine_negatives(anchor_embeddings, positive_embeddings, strategy, groups=1):
     """The chosen negatives' embeddings (B x D), and which anchors have one.
 
     The embeddings are gathered from the anchors' and positives' own embeddings, so the
     loss's gradient flows through them into the network; only the choice is not
     differentiated. Returns `(negative_embeddings, found)`; see `select_negatives`.
+
+    `groups` > 1 cuts the batch into that many equal consecutive shares and mines within
+    each: under JAX's `DataParallel` the loss sees the global batch, and each device's
+    share is mined on its own, as each replica's is under `tf.distribute`.
     """
+    if groups > 1:
+        shares = zip(
+            ops.split(anchor_embeddings, groups),
+            ops.split(positive_embeddings, groups),
+            strict=True,
+        )
+        mined = [mine_negatives(anchor, positive, strategy) for anchor, positive in shares]
+        return tuple(ops.concatenate(parts, axis=0) for parts in zip(*mined, strict=True))
     indices, found = select_negatives(anchor_embeddings, positive_embeddings, strategy)
     candidates = ops.concatenate([anchor_embeddings, positive_embeddings], axis=0)
     return ops.take(candidates, indices, axis=0), found

@@ -3,7 +3,7 @@
 The tutorials fit on arrays (MNIST) or on a `tf.data` pipeline of file names (triplet). The
 ports gather rows by index instead (see the scripts); the generic parts of that, which say
 nothing about Siamese networks, live here. TensorFlow is imported only by the functions
-that build `tf.data` pipelines: `PairBatches` needs only NumPy and Keras.
+that build `tf.data` pipelines: `PairBatches` and `TripletBatches` need only NumPy and Keras.
 """
 
 import keras
@@ -11,7 +11,8 @@ import numpy as np
 
 from siamese_support.devices import without_autotuning
 
-__all__ = ["PairBatches", "pair_dataset", "shuffled_index_batches", "without_autotuning"]
+__all__ = ["PairBatches", "TripletBatches", "pair_dataset", "shuffled_index_batches"]
+__all__ += ["without_autotuning"]
 
 
 def shuffled_index_batches(count, batch_size, seed):
@@ -132,3 +133,68 @@ class PairBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.passes += 1
         self.order = self._order()
+
+
+class TripletBatches(keras.utils.PyDataset):
+    """`((anchor, positive, negative),)` batches of rows of a store, with NumPy alone.
+
+    The triplet script's input under JAX and PyTorch, with its `tf.data` pipeline's rules:
+    `triplets(epoch)` returns the epoch's anchor, positive and negative row indices (three
+    arrays, in the order they are read), `batch_size` triplets a batch, the last one short.
+    The triplet is the batch's only element, the model's input, as Keras's own training step
+    reads a batch: `(x,)`.
+
+    Spread over `device_count` devices (Keras's `DataParallel`) in `process_count`
+    processes, each process feeds the `process_index`-th of equal slices of every global
+    batch, as `PairBatches` does. A short last batch that does not split evenly over the
+    devices loses its last few triplets when `pad` is false (training: fewer than
+    `device_count`, others every epoch, as the order changes), or is padded with repeats
+    of its first triplet, weighted 0, when `pad` is true (validation: every triplet counts
+    once); its batches then carry sample weights, `((a, p, n), None, weights)`.
+    """
+
+    def __init__(
+        self,
+        store,
+        triplets,
+        batch_size,
+        process_index=0,
+        process_count=1,
+        device_count=1,
+        pad=False,
+    ):
+        super().__init__()
+        self.store, self.triplets, self.batch_size = store, triplets, batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self.device_count, self.pad = device_count, pad
+        self.epoch = 0
+        self.indices = np.stack(triplets(self.epoch))
+
+    def __len__(self):
+        count = self.indices.shape[1]
+        if self.device_count > 1 and not self.pad:
+            count -= count % self.batch_size % self.device_count  # see the class's docstring
+        return -(-count // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.indices[:, index * self.batch_size : (index + 1) * self.batch_size]
+        weights = None
+        if self.device_count > 1:
+            size = rows.shape[1]
+            if self.pad:
+                padded_size = -(-size // self.device_count) * self.device_count
+                repeats = np.repeat(rows[:, :1], padded_size - size, axis=1)
+                rows = np.concatenate([rows, repeats], axis=1)
+                weights = (np.arange(padded_size) < size).astype(np.float32)
+            else:
+                rows = rows[:, : size - size % self.device_count]
+            share = rows.shape[1] // self.process_count
+            start = self.process_index * share
+            rows = rows[:, start : start + share]
+            weights = None if weights is None else weights[start : start + share]
+        triplet = tuple(np.asarray(self.store[part]) for part in rows)
+        return (triplet,) if weights is None else (triplet, None, weights)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.indices = np.stack(self.triplets(self.epoch))

@@ -87,7 +87,7 @@ def make_real_dataset(folder, pairs=300, seed=0, source=DEFAULT_SOURCE):
     Besides the two image folders, `numbers.csv` names each pair's number and `README.txt`
     states where the images come from and their licence.
     """
-    import tensorflow as tf
+    from PIL import Image
 
     images, labels = load_digit_images(source)
     numbers, left, right = number_pairs(images, labels, pairs, seed)
@@ -95,8 +95,7 @@ def make_real_dataset(folder, pairs=300, seed=0, source=DEFAULT_SOURCE):
     for side, side_images in (("left", left), ("right", right)):
         (folder / side).mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(side_images):
-            encoded = tf.io.encode_png(image[:, :, None])
-            (folder / side / f"{index:05d}.png").write_bytes(encoded.numpy())
+            Image.fromarray(image).save(folder / side / f"{index:05d}.png", format="PNG")
     rows = [f"{index:05d},{number}" for index, number in enumerate(numbers)]
     (folder / "numbers.csv").write_text("pair,number\n" + "\n".join(rows) + "\n")
     (folder / "README.txt").write_text(LICENCE_NOTE)

@@ -579,11 +579,15 @@ def finish_run(output_dir, metrics):
     """Write `metrics.json`, which marks the run as finished, then drop the backup.
 
     Called after every other output is written: until then, a crash leaves a run that
-    resumes at its last finished epoch. `metrics` None drops the backup alone.
+    resumes at its last finished epoch. `metrics` None (another process of a multi-process
+    run) drops the backup and the records a resume checks, writing nothing.
     """
     output_dir = pathlib.Path(output_dir)
     if metrics is not None:  # None: a process that only kept resume state here
         write_json(metrics, output_dir / "metrics.json")
+    else:  # which includes the split and settings that a resume checks
+        for name in ("split.json", "settings.json"):
+            (output_dir / name).unlink(missing_ok=True)
     shutil.rmtree(output_dir / "backup", ignore_errors=True)
     (output_dir / "history-progress.csv").unlink(missing_ok=True)
 
@@ -682,8 +686,9 @@ class Run(contextlib.ExitStack):
         return final_history(self.output_dir)
 
     def write_csv(self, rows, name, fieldnames=None):
-        """Write rows as the CSV file `name` of the output folder, atomically."""
-        write_csv(rows, self.output_dir / name, fieldnames)
+        """Write rows as the CSV file `name` of the output folder, atomically (process 0 only)."""
+        if self.writes_outputs:
+            write_csv(rows, self.output_dir / name, fieldnames)
 
     def finish(self, models, metrics, settings):
         """Save `models` (file name to model) and `history.csv`, then `metrics.json`, last.

@@ -4,18 +4,23 @@ The tutorial decodes the three images of every triplet in every epoch and runs a
 ResNet50 at every step. Computing each image's pixels, or its frozen trunk's features, once
 and gathering rows by index gives the same numbers for a fraction of the work; the
 machinery for it (memory budgets, disk-backed arrays, `tf.data` gathers) lives here.
+
+Under TensorFlow, `tf.data` pipelines decode the images and gather the rows. Under JAX and
+PyTorch, threads decode them (the script's loader, Pillow and NumPy) and the model runs
+batch by batch; TensorFlow is imported only by the functions of its path, so that this
+module works where it is not installed.
 """
 
+import concurrent.futures
+import functools
 import os
 import tempfile
 import time
 
 import keras
 import numpy as np
-import psutil
-import tensorflow as tf
 
-from siamese_support.devices import without_autotuning
+from siamese_support.devices import keras_backend, without_autotuning
 from siamese_support.progress import Progress, predict_progress
 
 # A store larger than this share of the available memory goes to a file on disk.
@@ -28,6 +33,8 @@ prefetched_batches = 2
 
 def available_memory():
     """Bytes of memory available to this process without swapping (psutil, every OS)."""
+    import psutil
+
     return psutil.virtual_memory().available
 
 
@@ -108,9 +115,39 @@ def image_batches(filenames, preprocess_image, batch_size):
     and `prefetched_batches` batches ready, with autotuning off, whatever the number of
     files and however slow the model that reads the batches.
     """
+    import tensorflow as tf
+
     dataset = tf.data.Dataset.from_tensor_slices(list(filenames))
     dataset = dataset.map(preprocess_image, num_parallel_calls=decoding_threads())
     return without_autotuning(dataset.batch(batch_size).prefetch(prefetched_batches))
+
+
+def numpy_image_batches(filenames, preprocess_image, batch_size):
+    """`image_batches` without TensorFlow: NumPy batches of the image files, in order.
+
+    `preprocess_image` reads one file name (Pillow and NumPy under JAX and PyTorch); for a
+    tuple of names, `preprocess_image(*names)` returns a tuple of images, and a batch is a
+    tuple of their stacks. One thread per core decodes a batch while the previous one is
+    used, so at most two batches are held.
+    """
+    filenames = list(filenames)
+    starts = range(0, len(filenames), batch_size)
+    with concurrent.futures.ThreadPoolExecutor(decoding_threads()) as pool:
+        pending = None
+        for start in [*starts, None]:
+            # The next batch is submitted before the current one is handed out.
+            following = None
+            if start is not None:
+                batch = filenames[start : start + batch_size]
+                calls = [names if isinstance(names, tuple) else (names,) for names in batch]
+                following = [pool.submit(preprocess_image, *names) for names in calls]
+            if pending is not None:
+                images = [future.result() for future in pending]
+                if isinstance(images[0], tuple):
+                    yield tuple(np.stack(parts) for parts in zip(*images, strict=True))
+                else:
+                    yield np.stack(images)
+            pending = following
 
 
 def decode_images_once(
@@ -128,6 +165,9 @@ def decode_images_once(
     store = new_store((len(filenames), *image_size, 3), np.float32, folder)
     if progress is None:
         progress = Progress("Decoding images", len(filenames))
+    if keras_backend() != "tensorflow":
+        batches = numpy_image_batches(filenames, preprocess_image, batch_size)
+        return _fill_store(store, batches, progress)
     batches = image_batches(filenames, preprocess_image, batch_size)
     return _fill_store(store, batches.as_numpy_iterator(), progress)
 
@@ -166,6 +206,11 @@ def _apply_to_files(model, filenames, preprocess_image, batch_size, folder, prog
     filenames = list(filenames)
     output = model.output
     store = new_store((len(filenames), *output.shape[1:]), output.dtype, folder)
+    if keras_backend() != "tensorflow":
+        batches = numpy_image_batches(filenames, preprocess_image, batch_size)
+        return _fill_store(store, (predict_rows(model, batch) for batch in batches), progress)
+    import tensorflow as tf
+
     batches = image_batches(filenames, preprocess_image, batch_size)
     # A traced function frees each activation once it is used: calling the model eagerly
     # held all of ResNet50's activations for the batch at once, 3.5 GB at 32 images of
@@ -218,24 +263,52 @@ def _fill_store(store, batches, progress):
     return store
 
 
+def predict_rows(model, batch):
+    """`model` (inference mode) on one NumPy batch, as a NumPy array: JAX's and PyTorch's path.
+
+    `predict_on_batch` runs compiled (JAX) or without gradients (PyTorch), so that the
+    activations of a batch are freed as they are used.
+    """
+    return np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(batch)))
+
+
 def gather_rows(store, indices):
     """Rows `indices` of a store, as a tensor (inside a `tf.data` map).
 
     NumPy does the gathering, so a store memory-mapped from disk works as well as one in
     memory.
     """
+    import tensorflow as tf
+
     rows = tf.numpy_function(
         lambda batch: np.asarray(store[batch]), [indices], tf.as_dtype(store.dtype), stateful=False
     )
     return tf.ensure_shape(rows, (None, *store.shape[1:]))
 
 
-def make_store_dataset(store, triplet_indices, batch_size):
-    """Batches of (anchor, positive, negative) rows of `store`, for index triplets."""
+def make_store_dataset(store, triplet_indices, batch_size, share=(0, 1, 1)):
+    """Batches `((anchor, positive, negative),)` of rows of `store`, for index triplets.
+
+    The triplet is the batch's one element, its inputs, as Keras's steps read a batch
+    (`(x,)`: no targets, no sample weights). `triplet_indices` is a `tf.data` dataset of
+    index triplets under TensorFlow. Under JAX and PyTorch it is three arrays (fixed
+    triplets: validation) or a function of the epoch's number that returns them (training),
+    and the batches are a `pipelines.TripletBatches`, of which this process feeds `share`
+    (`devices.Placement.share`); fixed triplets are padded, never cut, to split over devices.
+    """
+    if keras_backend() != "tensorflow":
+        from siamese_support.pipelines import TripletBatches
+
+        if callable(triplet_indices):
+            return TripletBatches(store, triplet_indices, batch_size, *share)
+        fixed = functools.partial(lambda triplets, epoch: triplets, triplet_indices)
+        return TripletBatches(store, fixed, batch_size, *share, pad=True)
+    import tensorflow as tf
+
     dataset = triplet_indices.batch(batch_size, drop_remainder=False)
     dataset = dataset.map(
-        lambda anchor, positive, negative: tuple(
-            gather_rows(store, indices) for indices in (anchor, positive, negative)
+        lambda anchor, positive, negative: (
+            tuple(gather_rows(store, indices) for indices in (anchor, positive, negative)),
         ),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
@@ -246,8 +319,19 @@ def embed_store(network, store, batch_size, what="Embedding the validation image
     """`network` applied to every row of a store of images or features, as a NumPy array.
 
     The rows are gathered a few batches ahead of the network (`prefetched_batches`); the
-    progress is shown under the label `what`.
+    progress is shown under the label `what`. Under JAX and PyTorch, batch by batch
+    (`predict_rows`), with the same progress lines.
     """
+    if keras_backend() != "tensorflow":
+        shown = Progress(what, len(store))
+        batches = (store[start : start + batch_size] for start in range(0, len(store), batch_size))
+        return _fill_store(
+            np.empty((len(store), *network.output.shape[1:]), np.float32),
+            (predict_rows(network, np.asarray(batch)) for batch in batches),
+            shown,
+        )
+    import tensorflow as tf
+
     dataset = tf.data.Dataset.range(len(store)).batch(batch_size)
     dataset = dataset.map(
         lambda indices: gather_rows(store, indices), num_parallel_calls=tf.data.AUTOTUNE
@@ -264,7 +348,9 @@ def pipeline_throughput(dataset, batches):
     start = time.perf_counter()
     for _ in range(batches):
         try:
-            count += len(next(iterator)[0])
+            # A store's batch is ((anchors, positives, negatives),), `make_dataset`'s the three.
+            anchors = next(iterator)[0]
+            count += len(anchors[0] if isinstance(anchors, tuple) else anchors)
         except StopIteration:
             break
     elapsed = time.perf_counter() - start

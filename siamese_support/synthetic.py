@@ -41,9 +41,11 @@ def make_synthetic_dataset(folder, pairs=48, image_size=96, seed=42, jitter=synt
     Each pair is one random scene (a background colour and two to four coloured shapes),
     drawn twice with independent perturbations of positions, sizes, colours and noise:
     `left/NNNNN.jpg` and `right/NNNNN.jpg` look alike, other pairs do not. `jitter` scales
-    the perturbations (0 draws the same image twice).
+    the perturbations (0 draws the same image twice). Pillow writes the JPEGs, with the
+    settings of the `tf.io.encode_jpeg` that wrote them before (quality 92, 4:2:0 chroma),
+    whose files decode to the same pixels.
     """
-    import tensorflow as tf
+    from PIL import Image
 
     if pairs < 1:
         raise ValueError(f"pairs must be positive, got {pairs}")
@@ -69,6 +71,6 @@ def make_synthetic_dataset(folder, pairs=48, image_size=96, seed=42, jitter=synt
         }
         for side in ("left", "right"):
             image = _draw_scene(scene, image_size, rng, jitter)
-            encoded = tf.io.encode_jpeg(image, quality=92)
-            (folder / side / f"{index:05d}.jpg").write_bytes(encoded.numpy())
+            path = folder / side / f"{index:05d}.jpg"
+            Image.fromarray(image).save(path, format="JPEG", quality=92, subsampling="4:2:0")
     return folder

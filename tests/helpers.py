@@ -8,6 +8,8 @@
   of finished process.
 - `assert_one_line_error(result, prog, *hints)` checks what a user must see when a command
   fails: its exit code and one line on stderr, without a traceback.
+- `RUN_WITHOUT_TENSORFLOW`, given to `run` as its `python_code`, runs the script where
+  TensorFlow cannot be imported, as where it is not installed.
 """
 
 import os
@@ -15,12 +17,30 @@ import pathlib
 import signal
 import subprocess
 import sys
+import textwrap
 
 REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 MNIST = REPOSITORY / "mnist_siamese.py"
 TRIPLET = REPOSITORY / "triplet_totally_looks_like.py"
 TOOLS = REPOSITORY / "tools"
 FIXTURE = REPOSITORY / "data" / "mnist-tiny.npz"  # 5,000 training and 1,000 test digits
+
+# Runs a script as `python SCRIPT ARGS` would, in a process where TensorFlow cannot be
+# imported, as where it is not installed (Keras then does without it too).
+RUN_WITHOUT_TENSORFLOW = textwrap.dedent(
+    """
+    import runpy, sys
+
+    class NoTensorFlow:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tensorflow":
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+
+    sys.meta_path.insert(0, NoTensorFlow())
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
 
 
 def default_signal_handling():

@@ -4,13 +4,11 @@ Each case runs a script in a subprocess, as a user would, and checks the exit co
 line the user reads, that no traceback shows, and what the output folder holds afterwards.
 Ctrl-C is sent by the child to itself, with Python's default SIGINT handling restored, at
 the moment its import of a given module begins: inside the start-up, whatever the machine's
-speed. The MNIST cases run under any backend (CI runs them under JAX without TensorFlow too);
-the triplet script's need TensorFlow.
+speed. The cases run under any backend (CI runs them under JAX without TensorFlow too).
 """
 
 import importlib.util
 import json
-import os
 import shutil
 
 import helpers
@@ -18,11 +16,6 @@ import pytest
 from helpers import FIXTURE, MNIST, TRIPLET, assert_one_line_error, describe
 
 from siamese_support import command_line, run_folder, synthetic, trained_model
-
-needs_tensorflow = pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is None, reason="the triplet script needs TensorFlow"
-)
-TENSORFLOW_BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
 
 # Run by `python -c`: sends SIGINT to this process when the import of INTERRUPT_AT starts,
 # then runs the script (sys.argv[1]) as the shell would.
@@ -67,10 +60,8 @@ def test_ctrl_c_while_mnist_imports_is_one_line_and_writes_nothing(tmp_path, mod
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_tensorflow
-@pytest.mark.skipif(not TENSORFLOW_BACKEND, reason="the triplet script runs on TensorFlow")
-@pytest.mark.parametrize("module", ["tensorflow", "tensorflow.python.framework.ops"])
-def test_ctrl_c_while_the_triplet_script_imports_tensorflow(tmp_path, module):
+@pytest.mark.parametrize("module", ["keras", "keras.src.backend"])
+def test_ctrl_c_while_the_triplet_script_imports_keras(tmp_path, module):
     args = ["search", "--gallery", tmp_path, "--run-dir", tmp_path / "run", "query.png"]
     result = interrupted_at(module, TRIPLET, args, tmp_path)
     assert_one_line_error(result, "triplet_totally_looks_like.py", "while starting", code=130)
@@ -175,9 +166,7 @@ def test_resume_on_a_finished_mnist_run(tmp_path):
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
 
 
-@needs_tensorflow
 @pytest.mark.slow
-@pytest.mark.skipif(not TENSORFLOW_BACKEND, reason="the triplet script runs on TensorFlow")
 def test_resume_on_a_finished_triplet_run(tmp_path):
     args = ["--dry-run", "--output-dir", "run", "--no-plots"]
     assert helpers.run(TRIPLET, args, tmp_path).returncode == 0
@@ -307,9 +296,7 @@ def test_whole_zip_file(tmp_path):
     assert not trained_model.whole_zip_file(tmp_path / "missing.keras")
 
 
-@needs_tensorflow
 @pytest.mark.slow
-@pytest.mark.skipif(not TENSORFLOW_BACKEND, reason="the triplet script runs on TensorFlow")
 def test_search_output_into_a_new_folder_is_created(tmp_path):
     data = tmp_path / "pairs"
     synthetic.make_synthetic_dataset(data, pairs=12, image_size=32, seed=1)

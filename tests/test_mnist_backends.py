@@ -14,7 +14,7 @@ import textwrap
 import helpers
 import numpy as np
 import pytest
-from helpers import FIXTURE, MNIST, TRIPLET, describe
+from helpers import FIXTURE, MNIST, describe
 
 PROG = "mnist_siamese.py"
 MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -29,27 +29,9 @@ def needs(*backends):
     return pytest.mark.skipif(bool(missing), reason=f"not installed here: {', '.join(missing)}")
 
 
-# Runs the script as `python mnist_siamese.py ARGS` would, in a process where TensorFlow
-# cannot be imported, as where it is not installed (Keras then does without it too).
-RUN_WITHOUT_TENSORFLOW = textwrap.dedent(
-    """
-    import runpy, sys
-
-    class NoTensorFlow:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "tensorflow":
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-
-    sys.meta_path.insert(0, NoTensorFlow())
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    """
-)
-
-
 def run_under(backend, args, cwd, without_tensorflow=False):
     """`helpers.run` of the MNIST script with KERAS_BACKEND set to `backend`."""
-    code = RUN_WITHOUT_TENSORFLOW if without_tensorflow else None
+    code = helpers.RUN_WITHOUT_TENSORFLOW if without_tensorflow else None
     return helpers.run(MNIST, args, cwd, code, env={"KERAS_BACKEND": backend})
 
 
@@ -222,14 +204,3 @@ def test_multi_process_names_a_missing_or_malformed_variable(
     result = run_under("jax", ["--dry-run", "--distribute", "multi-process"], tmp_path)
     helpers.assert_one_line_error(result, PROG, hint)
     assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_the_triplet_script_says_it_needs_tensorflow(backend, tmp_path):
-    # Its tutorial is tf.data and tf.GradientTape: under another backend it says so in one
-    # line, before importing anything (so also where TensorFlow is not installed).
-    env = {"KERAS_BACKEND": backend}
-    result = helpers.run(TRIPLET, ["--dry-run"], tmp_path, env=env, timeout=120)
-    prog = "triplet_totally_looks_like.py"
-    helpers.assert_one_line_error(result, prog, "TensorFlow only", f"set to {backend}")
-    assert result.stdout == "" and not (tmp_path / "runs").exists()

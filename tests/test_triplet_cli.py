@@ -42,8 +42,8 @@ def dry_run(tmp_path_factory):
 def test_dry_run_succeeds_quietly_and_quickly(dry_run):
     result, _, seconds = dry_run
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] in ("Device: CPU",) or result.stdout.startswith(
-        "Device: GPU"
+    assert result.stdout.splitlines()[0] == "Backend: tensorflow. Device: CPU" or (
+        result.stdout.startswith("Backend: tensorflow. Device: GPU")
     )
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == ""

@@ -113,7 +113,7 @@ def test_a_batch_of_one_pair_has_no_negative_and_costs_nothing():
     assert ops.convert_to_numpy(found).tolist() == [False]
     model = _dense_siamese_model("hard")
     batch = tuple(tf.constant(np.ones((1, 5), np.float32) * value) for value in (1, 2, 3))
-    assert float(model._compute_mined_triplet_loss(batch)) == 0.0
+    assert float(model._compute_triplet_loss(batch, training=True)) == 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -171,8 +171,9 @@ def test_the_training_steps_loss_and_gradients_equal_those_of_explicit_triplets(
     triplets = (batch[0], batch[1], tf.constant(np.concatenate([anchors, positives])[chosen]))
     weights = model.siamese_network.trainable_weights
     with tf.GradientTape(persistent=True) as tape:
-        mined = model._compute_mined_triplet_loss(batch)
-        explicit = model._compute_triplet_loss(triplets, training=True)
+        mined = model._compute_triplet_loss(batch, training=True)
+        distances = model.siamese_network(list(triplets), training=True)
+        explicit = ops.mean(tll.triplet_loss(*distances, MARGIN))
     assert float(mined) > 0
     assert float(mined) == pytest.approx(float(explicit), rel=1e-5)
     for gradient, expected in zip(
@@ -192,7 +193,8 @@ def test_the_training_step_uses_the_datasets_negatives_only_when_random():
             model = _dense_siamese_model(strategy)
             model.compile(optimizer=keras.optimizers.SGD(0.1))
             # The step reports the loss of the weights it started from.
-            losses[strategy, name] = float(model.train_step((anchors, positives, negative))["loss"])
+            batch = ((anchors, positives, negative),)  # a batch's one element: its triplet
+            losses[strategy, name] = float(model.train_step(batch)["loss"])
     expected = _dense_siamese_model("random")._compute_triplet_loss(
         (anchors, positives, negatives), training=True
     )
@@ -217,7 +219,7 @@ def test_mining_under_mixed_precision_chooses_in_float32_and_trains(mixed_precis
     assert model.embedding(batch[0]).dtype == "float32"  # the distances are float32
     before = [weight.numpy().copy() for weight in model.siamese_network.trainable_weights]
     for _ in range(40):  # the loss scale may skip the first steps
-        logs = model.train_step(batch)
+        logs = model.train_step((batch,))
         assert logs["loss"].dtype == "float32" and np.isfinite(float(logs["loss"]))
     after = [weight.numpy() for weight in model.siamese_network.trainable_weights]
     assert any(not np.array_equal(b, a) for b, a in zip(before, after, strict=True))
@@ -226,7 +228,7 @@ def test_mining_under_mixed_precision_chooses_in_float32_and_trains(mixed_precis
 def test_an_xla_compiled_mining_step_gives_the_same_loss():
     rng = np.random.default_rng(4)
     batch = tuple(rng.normal(size=(8, 5)).astype(np.float32) for _ in range(3))
-    dataset = tf.data.Dataset.from_tensors(batch)
+    dataset = tf.data.Dataset.from_tensors((batch,))
     for strategy in ("semi-hard", "hard"):
         losses = []
         for jit_compile in (False, True):
@@ -271,7 +273,7 @@ MIRRORED_MINING = textwrap.dedent(
     with strategy.scope():
         siamese_model, embedding = model("mirrored")
         siamese_model.compile(optimizer=keras.optimizers.SGD(0.5))
-    siamese_model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
+    siamese_model.fit(tf.data.Dataset.from_tensors((batch,)), epochs=1, verbose=0)
     mirrored = [w.numpy() for w in embedding.weights]
 
     results = {"line": line}

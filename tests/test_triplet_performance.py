@@ -12,7 +12,7 @@ import pytest
 from helpers import TRIPLET, describe
 
 import triplet_totally_looks_like as tll
-from siamese_support import image_folders, run_folder, stores, synthetic
+from siamese_support import command_line, image_folders, run_folder, stores, synthetic
 from triplet_totally_looks_like import keras, ops, tf
 
 SIZE = 64  # conv5_block1_out is 2 x 2 x 2048 here: small, but more than one position
@@ -69,7 +69,7 @@ def test_store_batches_are_the_indexed_rows_from_memory_or_disk(tmp_path, image_
     on_disk[:] = in_memory
     indices = tll.validation_triplet_indices([3, 0, 1, 2])
     for store in (in_memory, on_disk):
-        anchor, positive, negative = next(iter(stores.make_store_dataset(store, indices, 4)))
+        ((anchor, positive, negative),) = next(iter(stores.make_store_dataset(store, indices, 4)))
         assert anchor.dtype == tf.float32
         np.testing.assert_array_equal(anchor.numpy(), in_memory[:4])
         np.testing.assert_array_equal(positive.numpy(), in_memory[4:8])
@@ -162,10 +162,11 @@ def test_cached_features_give_the_same_loss_and_gradients(image_files):
 
     pair_count = len(image_files) // 2
     negatives = tll.choose_negatives(pair_count, rng=1)
-    image_batch = next(
+    # A store's batch is ((anchors, positives, negatives),): the triplet is its one element.
+    (image_batch,) = next(
         iter(stores.make_store_dataset(images, tll.validation_triplet_indices(negatives), 8))
     )
-    feature_batch = next(
+    (feature_batch,) = next(
         iter(stores.make_store_dataset(features, tll.validation_triplet_indices(negatives), 8))
     )
 
@@ -243,13 +244,13 @@ def test_mixed_precision_computes_in_float16_and_keeps_distances_and_loss_in_flo
     ap_distance, an_distance = siamese_model(batch)
     assert ap_distance.dtype == an_distance.dtype == "float32"
     before = [np.array(weight.numpy()) for weight in tail.trainable_weights]
-    logs = siamese_model.train_step(batch)
+    logs = siamese_model.train_step((batch,))
     assert logs["loss"].dtype == "float32" and 0 < float(logs["loss"]) < np.inf
     # The loss scale starts at 2**15 and is halved on every step whose float16 gradients
     # overflow, which is skipped; with random weights the loss is in the hundreds, so it
     # takes some twenty steps before the weights move.
     for _ in range(60):
-        siamese_model.train_step(batch)
+        siamese_model.train_step((batch,))
         after = [weight.numpy() for weight in tail.trainable_weights]
         if any(not np.array_equal(b, a) for b, a in zip(before, after, strict=True)):
             break
@@ -333,7 +334,7 @@ ONE_STEP_RUNNER = SPLIT_CPU + textwrap.dedent(
             embedding = keras.Model(inputs, keras.layers.Dense(3)(inputs))
             siamese_model = tll.SiameseModel(tll.build_siamese_network(embedding))
             siamese_model.compile(optimizer=keras.optimizers.SGD(0.5))
-        siamese_model.fit(tll.tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
+        siamese_model.fit(tll.tf.data.Dataset.from_tensors((batch,)), epochs=1, verbose=0)
         results[name] = {"line": line, "weights": [w.numpy().tolist() for w in embedding.weights]}
     print("RESULTS " + json.dumps(results))
     """
@@ -410,6 +411,6 @@ def test_preparing_the_output_folder_removes_caches_of_a_killed_run(tmp_path):
     leftover.mkdir()
     (leftover / "store-1.npy").write_bytes(b"\0" * 10)
     (tmp_path / "notes.txt").write_text("mine")
-    run_folder.prepare_output_dir(tmp_path, outputs=tll.OUTPUT_FILES)
+    run_folder.prepare_output_dir(tmp_path, outputs=command_line.TRIPLET_OUTPUT_FILES)
     assert not leftover.exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"

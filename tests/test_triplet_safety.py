@@ -124,7 +124,7 @@ def test_dataset_download_failure_is_one_line_naming_the_offline_options(
     result = helpers.run_main(tll, ["--output-dir", tmp_path / "out"], tmp_path, capsys)
     line = helpers.assert_one_line_error(result, PROG, "--data-dir", "--dry-run")
     assert line.startswith(f"{PROG}: error: could not download left.zip"), line
-    assert result.stdout.splitlines()[0].startswith("Device: ")
+    assert result.stdout.splitlines()[0].startswith("Backend: tensorflow. Device: ")
     # Nothing half-downloaded is left to be mistaken for the real file.
     assert sorted(path.name for path in offline_cache.iterdir()) == []
     assert not (tmp_path / "out").exists()
@@ -184,7 +184,9 @@ def test_downloaded_zips_are_extracted_once_and_counted(tmp_path, offline_cache,
 
 def prepare(output_dir, **options):
     """The script's output-folder rules: `run_folder.prepare_output_dir` with its outputs."""
-    return run_folder.prepare_output_dir(output_dir, outputs=tll.OUTPUT_FILES, **options)
+    return run_folder.prepare_output_dir(
+        output_dir, outputs=command_line.TRIPLET_OUTPUT_FILES, **options
+    )
 
 
 def test_prepare_output_dir_rules(tmp_path):

@@ -434,7 +434,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     losses = []
     for _ in range(6):
         siamese_model.loss_tracker.reset_state()
-        losses.append(float(siamese_model.train_step(batch)["loss"]))
+        losses.append(float(siamese_model.train_step((batch,))["loss"]))
     assert losses[0] > 0
     assert losses[-1] < 0.5 * losses[0], losses
 
@@ -454,7 +454,7 @@ def test_test_step_changes_no_weight_and_batchnorm_statistics_move_in_train_step
         return _snapshot([v for norm in norms for v in (norm.moving_mean, norm.moving_variance)])
 
     all_weights = _snapshot(siamese_model.siamese_network.weights)
-    siamese_model.test_step(batch)
+    siamese_model.test_step((batch,))
     for before, after in zip(
         all_weights, _snapshot(siamese_model.siamese_network.weights), strict=True
     ):
@@ -463,7 +463,7 @@ def test_test_step_changes_no_weight_and_batchnorm_statistics_move_in_train_step
     movable = statistics(head_norms + [trainable_resnet_norm])
     frozen = statistics(frozen_norms)
     trainable = _snapshot(siamese_model.siamese_network.trainable_weights)
-    siamese_model.train_step(batch)
+    siamese_model.train_step((batch,))
     moved = statistics(head_norms + [trainable_resnet_norm])
     for before, after in zip(movable, moved, strict=True):
         assert not np.allclose(before, after)
