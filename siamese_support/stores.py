@@ -23,8 +23,12 @@ import numpy as np
 from siamese_support.devices import keras_backend, without_autotuning
 from siamese_support.progress import Progress, predict_progress
 
-# A store larger than this share of the available memory goes to a file on disk.
+# A store larger than this share of the available memory, or than this many bytes, goes to
+# a file on disk (`DiskStore`). At the dataset's full size the frozen trunk's features of the
+# training images take 3.9 GB: on disk, the run's peak memory fell from 8.3 to 4.7 GB (see
+# docs/performance.md), with the same numbers, where half precision moved the losses.
 memory_share_for_stores = 0.5
+largest_store_in_memory = 2e9
 # Batches of images waiting for the model that reads them. With tf.data's autotuning, the
 # decoded batches (15 MB each at 200 x 200) piled up ahead of the slow trunk: 5-6 GB before
 # it had read a few hundred images. Two keep the model fed: decoding is the quick part.
@@ -41,34 +45,60 @@ def available_memory():
 def new_store(shape, dtype, folder=None, memory_budget=None):
     """An uninitialised array for cached images or features: in memory if it fits.
 
-    It fits when it takes at most `memory_budget` bytes (default: half the available
-    memory). Otherwise it is a memory-mapped `.npy` file in `folder`, which the operating
-    system pages in and out as the training reads it.
+    It fits when it takes at most `memory_budget` bytes (default: half the available memory,
+    and at most `largest_store_in_memory`). Otherwise it is a `DiskStore` in `folder`.
     """
     dtype = np.dtype(dtype)
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if memory_budget is None:
-        memory_budget = available_memory() * memory_share_for_stores
+        memory_budget = min(available_memory() * memory_share_for_stores, largest_store_in_memory)
     if size <= memory_budget:
         return np.empty(shape, dtype)
     if folder is None:
         raise ValueError(
             f"a cache of {size / 1e9:.1f} GB does not fit in memory and no folder was given"
         )
-    handle, path = tempfile.mkstemp(dir=folder, prefix="store-", suffix=".npy")
-    os.close(handle)
-    print(f"Caching {size / 1e9:.1f} GB on disk in {path} (too large for memory)", flush=True)
-    store = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
-    # A memory-mapped file is sparse until written: on a full disk, writing a row would kill
-    # the process with SIGBUS. Reserving its blocks now turns that into an OSError here.
-    if hasattr(os, "posix_fallocate"):
-        with open(path, "r+b") as stream:
-            try:
-                os.posix_fallocate(stream.fileno(), 0, os.path.getsize(path))
-            except OSError as error:
-                os.remove(path)
-                raise OSError(error.errno, error.strerror, path) from None
-    return store
+    return DiskStore(folder, shape, dtype)
+
+
+class DiskStore:
+    """An array in a `.npy` file, written and read a batch of rows at a time.
+
+    Each access maps the file, copies its rows and unmaps it again, so the process holds a
+    batch, not the array: the operating system keeps the file's pages in its cache while
+    memory is free, and reads them from disk again when it is not. (A mapping kept open
+    would count every page the training has touched, all of them after an epoch, in the
+    process's memory.) Indexing takes what a NumPy array takes and returns a copy.
+    """
+
+    def __init__(self, folder, shape, dtype):
+        handle, self.path = tempfile.mkstemp(dir=folder, prefix="store-", suffix=".npy")
+        os.close(handle)
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        print(f"Caching {self.nbytes / 1e9:.1f} GB on disk in {self.path}", flush=True)
+        # The header, and a file of the full size (mapped only while it is made).
+        np.lib.format.open_memmap(self.path, "w+", self.dtype, self.shape).flush()
+        # A mapped file is sparse until written: on a full disk, writing a row would kill the
+        # process with SIGBUS. Reserving its blocks now turns that into an OSError here.
+        if hasattr(os, "posix_fallocate"):
+            with open(self.path, "r+b") as stream:
+                try:
+                    os.posix_fallocate(stream.fileno(), 0, os.path.getsize(self.path))
+                except OSError as error:
+                    os.remove(self.path)
+                    raise OSError(error.errno, error.strerror, self.path) from None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        return np.array(np.load(self.path, mmap_mode="r")[rows])
+
+    def __setitem__(self, rows, values):
+        array = np.load(self.path, mmap_mode="r+")
+        array[rows] = values
+        array.flush()
 
 
 def split_at_layer(model, base_name, cut_name):

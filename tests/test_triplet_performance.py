@@ -48,9 +48,12 @@ def image_files(pairs_dir):
 def test_a_store_too_large_for_its_budget_is_a_file_on_disk(tmp_path):
     in_memory = stores.new_store((3, 4), np.uint8, tmp_path, memory_budget=12)
     on_disk = stores.new_store((3, 4), np.uint8, tmp_path, memory_budget=11)
-    assert not isinstance(in_memory, np.memmap)
-    assert isinstance(on_disk, np.memmap)
+    assert isinstance(in_memory, np.ndarray)
+    assert isinstance(on_disk, stores.DiskStore)
     assert [path.suffix for path in tmp_path.iterdir()] == [".npy"]
+    on_disk[1:] = np.arange(8).reshape(2, 4)
+    np.testing.assert_array_equal(on_disk[[2, 1]], [[4, 5, 6, 7], [0, 1, 2, 3]])
+    assert len(on_disk) == 3 and on_disk.nbytes == 12 and on_disk.dtype == np.uint8
     with pytest.raises(ValueError, match="does not fit in memory"):
         stores.new_store((3, 4), np.uint8, None, memory_budget=0)
 
