@@ -9,9 +9,11 @@ the steps are printed too: every configuration must give the same ones.
 
     python benchmarks/tll_step_time.py --steps 5
     python benchmarks/tll_step_time.py --steps 5 --no-cache-features
+    KERAS_BACKEND=jax python benchmarks/tll_step_time.py --steps 5   # any Keras backend
 """
 
 import argparse
+import itertools
 import pathlib
 import statistics
 import sys
@@ -21,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import triplet_totally_looks_like as tll  # noqa: E402
-from siamese_support import stores  # noqa: E402
+from siamese_support import devices, stores  # noqa: E402
 
 
 class _BatchTimer(tll.keras.callbacks.Callback):
@@ -60,9 +62,10 @@ def step_times(args):
         optimizer=tll.keras.optimizers.Adam(tll.learning_rate),
         jit_compile="auto" if args.jit_compile is None else args.jit_compile,
     )
-    # fit() on a repeated batch runs the script's own train_step, as in training; the triplet
-    # is the batch's one element, as the script's pipeline gives it.
-    dataset = tll.tf.data.Dataset.from_tensors((batch,)).repeat()
+    # fit() on a repeated batch runs the script's own training step (TensorFlow's tape step,
+    # or Keras's own under JAX and PyTorch), as in training; the triplet is the batch's one
+    # element, as the script's pipeline gives it.
+    dataset = itertools.repeat((batch,))
     timer = _BatchTimer()
     siamese_model.fit(
         dataset, steps_per_epoch=args.warmup + args.steps, epochs=1, callbacks=[timer], verbose=0
@@ -81,11 +84,12 @@ def main(argv=None):
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction)
     parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction)
     args = parser.parse_args(argv)
-    if args.mixed_precision is None:
-        args.mixed_precision = bool(tll.tf.config.list_physical_devices("GPU"))
+    if args.mixed_precision is None:  # the script's default: on with a GPU
+        args.mixed_precision = devices.accelerator_visible()
     timer, setup_seconds = step_times(args)
     print(
-        f"cache_features {args.cache_features} mixed_precision {args.mixed_precision} "
+        f"backend {devices.keras_backend()} cache_features {args.cache_features} "
+        f"mixed_precision {args.mixed_precision} "
         f"jit_compile {args.jit_compile}"
     )
     if args.cache_features:
