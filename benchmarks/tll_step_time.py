@@ -65,7 +65,7 @@ def step_times(args):
     # fit() on a repeated batch runs the script's own training step (TensorFlow's tape step,
     # or Keras's own under JAX and PyTorch), as in training; the triplet is the batch's one
     # element, as the script's pipeline gives it.
-    dataset = itertools.repeat((batch,))
+    dataset = (batch for batch in itertools.repeat((batch,)))  # a generator, as Keras takes
     timer = _BatchTimer()
     siamese_model.fit(
         dataset, steps_per_epoch=args.warmup + args.steps, epochs=1, callbacks=[timer], verbose=0
