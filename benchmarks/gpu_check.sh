@@ -10,6 +10,7 @@
 # temporary folder. A run takes about 2 minutes on one H200; on a 2-core CPU, 10 or more.
 #
 #     bash benchmarks/gpu_check.sh WHEELS [PYTHON]
+#     STEPS=2 IMAGE_SIZE=64 bash benchmarks/gpu_check.sh WHEELS   # a quick trial (10, 200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels="${1:?usage: bash benchmarks/gpu_check.sh WHEELS [PYTHON]}"
@@ -27,8 +28,8 @@ round(m['seconds_per_epoch'], 3), 's per epoch (mean of 3, the first compiles)')
 
 for cache in --cache-features --no-cache-features; do
     echo "triplet step, JAX, $cache:"
-    "$python" benchmarks/tll_step_time.py --steps 10 "$cache" | grep -E "^(steps|seconds_per_step|losses)"
+    "$python" benchmarks/tll_step_time.py --steps "${STEPS:-10}" --image-size "${IMAGE_SIZE:-200}" "$cache" | grep -E "^(steps|seconds_per_step|losses)"
     echo "plain Keras ResNet50 step, JAX, $cache:"
-    "$python" benchmarks/plain_resnet_step.py --steps 10 "$cache" | grep -E "^(steps|seconds_per_step)"
+    "$python" benchmarks/plain_resnet_step.py --steps "${STEPS:-10}" --image-size "${IMAGE_SIZE:-200}" "$cache" | grep -E "^(steps|seconds_per_step)"
 done
 rm -rf "$site" "$runs"

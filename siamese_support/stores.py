@@ -25,7 +25,7 @@ from siamese_support.progress import Progress, predict_progress
 
 # A store larger than this share of the available memory, or than this many bytes, goes to
 # a file on disk (`DiskStore`). At the dataset's full size the frozen trunk's features of the
-# training images take 3.9 GB: on disk, the run's peak memory fell from 8.3 to 4.7 GB (see
+# training images take 3.9 GB: on disk, the run's peak memory fell from 8.2 to 4.7 GB (see
 # docs/performance.md), with the same numbers, where half precision moved the losses.
 memory_share_for_stores = 0.5
 largest_store_in_memory = 2e9
