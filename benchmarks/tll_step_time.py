@@ -64,8 +64,12 @@ def step_times(args):
     )
     # fit() on a repeated batch runs the script's own training step (TensorFlow's tape step,
     # or Keras's own under JAX and PyTorch), as in training; the triplet is the batch's one
-    # element, as the script's pipeline gives it.
-    dataset = (batch for batch in itertools.repeat((batch,)))  # a generator, as Keras takes
+    # element, as the script's pipeline gives it. TensorFlow takes it as a tensor already;
+    # the other backends from a generator (each step copies it in).
+    if devices.keras_backend() == "tensorflow":
+        dataset = tll.tf.data.Dataset.from_tensors((batch,)).repeat()
+    else:
+        dataset = (batch for batch in itertools.repeat((batch,)))
     timer = _BatchTimer()
     siamese_model.fit(
         dataset, steps_per_epoch=args.warmup + args.steps, epochs=1, callbacks=[timer], verbose=0
