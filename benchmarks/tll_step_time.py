@@ -71,8 +71,9 @@ def step_times(args):
     else:
         dataset = (batch for batch in itertools.repeat((batch,)))
     timer = _BatchTimer()
+    steps = args.warmup + args.steps
     siamese_model.fit(
-        dataset, steps_per_epoch=args.warmup + args.steps, epochs=1, callbacks=[timer], verbose=0
+        dataset, steps_per_epoch=steps, epochs=1, callbacks=[timer], verbose=0, shuffle=False
     )
     return timer, setup_seconds
 
