@@ -12,6 +12,7 @@
   TensorFlow cannot be imported, as where it is not installed.
 """
 
+import importlib.util
 import os
 import pathlib
 import signal
@@ -142,3 +143,16 @@ def assert_one_line_error(result, prog, *hints, code=2, warnings=False):
     for hint in hints:
         assert hint in lines[0], (hint, lines[0])
     return lines[0]
+
+
+def installed(backend):
+    """Whether the library of a Keras backend ("tensorflow", "jax", "torch") is installed."""
+    return importlib.util.find_spec(backend) is not None
+
+
+def needs(*backends):
+    """A skip mark, with its reason, for a test whose backends are not all installed here."""
+    import pytest
+
+    missing = [backend for backend in backends if not installed(backend)]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed here: {', '.join(missing)}")

@@ -6,7 +6,6 @@ environment and runs this module again in an environment with JAX and without Te
 (`.ci/run`); PyTorch is not a CI dependency (a multi-gigabyte install).
 """
 
-import importlib.util
 import json
 import re
 import textwrap
@@ -14,19 +13,9 @@ import textwrap
 import helpers
 import numpy as np
 import pytest
-from helpers import FIXTURE, MNIST, describe
+from helpers import FIXTURE, MNIST, describe, installed, needs
 
 PROG = "mnist_siamese.py"
-MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-
-
-def installed(backend):
-    return importlib.util.find_spec(MODULES[backend]) is not None
-
-
-def needs(*backends):
-    missing = [backend for backend in backends if not installed(backend)]
-    return pytest.mark.skipif(bool(missing), reason=f"not installed here: {', '.join(missing)}")
 
 
 def run_under(backend, args, cwd, without_tensorflow=False):

@@ -6,7 +6,6 @@ runs this module in its main environment (TensorFlow and JAX) and again in an en
 with JAX and without TensorFlow (`.ci/run`); PyTorch is not a CI dependency.
 """
 
-import importlib.util
 import json
 import re
 import textwrap
@@ -14,23 +13,13 @@ import textwrap
 import helpers
 import numpy as np
 import pytest
-from helpers import TRIPLET, describe
+from helpers import TRIPLET, describe, installed, needs
 from keras import ops
 
 import triplet_totally_looks_like as tll
 from siamese_support import gallery, image_folders, mining, pillow_images, pipelines, synthetic
 
 PROG = "triplet_totally_looks_like.py"
-MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-
-
-def installed(backend):
-    return importlib.util.find_spec(MODULES[backend]) is not None
-
-
-def needs(*backends):
-    missing = [backend for backend in backends if not installed(backend)]
-    return pytest.mark.skipif(bool(missing), reason=f"not installed here: {', '.join(missing)}")
 
 
 def run_under(backend, args, cwd, python_code=None, env=None, timeout=300):
