@@ -29,6 +29,10 @@ from siamese_support.progress import Progress, predict_progress
 # docs/performance.md), with the same numbers, where half precision moved the losses.
 memory_share_for_stores = 0.5
 largest_store_in_memory = 2e9
+# Rows that a PyTorch model reads at once in `predict_rows`. ResNet50's frozen trunk, 200 x 200,
+# peaked at 1.3 / 1.8 / 2.7 / 4.6 GB reading 4 / 8 / 16 / 32 rows, at 69 / 61 / 59 / 85 ms an
+# image (benchmarks/trunk_pass.py, docs/performance.md).
+torch_rows_at_once = 8
 # Batches of images waiting for the model that reads them. With tf.data's autotuning, the
 # decoded batches (15 MB each at 200 x 200) piled up ahead of the slow trunk: 5-6 GB before
 # it had read a few hundred images. Two keep the model fed: decoding is the quick part.
@@ -297,8 +301,16 @@ def predict_rows(model, batch):
     """`model` (inference mode) on one NumPy batch, as a NumPy array: JAX's and PyTorch's path.
 
     `predict_on_batch` runs compiled (JAX) or without gradients (PyTorch), so that the
-    activations of a batch are freed as they are used.
+    activations of a batch are freed as they are used. Under PyTorch, a Functional model
+    runs eagerly and keeps every layer's output until the call returns (Keras's
+    `Function._run_through_graph`), so the batch goes through `torch_rows_at_once` rows at
+    a time.
     """
+    if keras_backend() == "torch" and len(batch) > torch_rows_at_once:
+        starts = range(0, len(batch), torch_rows_at_once)
+        return np.concatenate(
+            [predict_rows(model, batch[start : start + torch_rows_at_once]) for start in starts]
+        )
     return np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(batch)))
 
 
