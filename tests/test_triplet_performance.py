@@ -103,6 +103,28 @@ def test_store_batches_run_without_autotuning():
     assert indices.options().autotune.enabled is not False
 
 
+class _RowCounter:
+    """A stand-in model that doubles its input and records how many rows each call read."""
+
+    def __init__(self):
+        self.rows_per_call = []
+
+    def predict_on_batch(self, batch):
+        self.rows_per_call.append(len(batch))
+        return batch * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_predict_rows_feeds_a_pytorch_model_a_few_rows_at_a_time(monkeypatch, backend):
+    monkeypatch.setattr(stores, "keras_backend", lambda: backend)
+    monkeypatch.setattr(stores, "torch_rows_at_once", 8)
+    model = _RowCounter()
+    batch = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
+    np.testing.assert_array_equal(stores.predict_rows(model, batch), batch * 2)
+    expected = [8, 8, 4] if backend == "torch" else [20]
+    assert model.rows_per_call == expected
+
+
 # ---------------------------------------------------------------------------
 # Cached features: the same loss and gradients as the whole network
 # ---------------------------------------------------------------------------
