@@ -3,8 +3,10 @@
 #   1. mnist_siamese.py's seconds per epoch under JAX (the 5,000 digits of data/mnist-tiny.npz,
 #      8,660 training pairs, batch 128, 3 epochs; the first epoch includes the compilation),
 #   2. the triplet model's seconds per training step under JAX at 200 x 200, batch 32, weights
-#      none, with the frozen trunk's features cached (the script's default) and without, and
-#   3. the plain Keras ResNet50 step on the same work (benchmarks/plain_resnet_step.py).
+#      none, with the frozen trunk's features cached (the script's default) and without, each
+#      under the script's default precision (mixed float16 on a GPU) and in float32, and
+#   3. the plain Keras ResNet50 step on the same work (benchmarks/plain_resnet_step.py), in
+#      float32: compare it with the triplet step's float32 line.
 # It installs nothing from a network: WHEELS is a folder of the wheels that machine lacks
 # (Keras and what it needs: keras, namex, optree; filelock 4.3 or newer), installed into a
 # temporary folder. A run takes about 2 minutes on one H200; on a 2-core CPU, 10 or more.
@@ -27,8 +29,11 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" KERAS_BACKEND=jax PYTHONUNB
 round(m['seconds_per_epoch'], 3), 's per epoch (mean of 3, the first compiles)')" "$runs/mnist/metrics.json"
 
 for cache in --cache-features --no-cache-features; do
-    echo "triplet step, JAX, $cache:"
-    "$python" benchmarks/tll_step_time.py --steps "${STEPS:-10}" --image-size "${IMAGE_SIZE:-200}" "$cache" | grep -E "^(steps|seconds_per_step|losses)"
+    for precision in "" --no-mixed-precision; do
+        echo "triplet step, JAX, $cache ${precision:-(default precision, mixed float16 on a GPU)}:"
+        "$python" benchmarks/tll_step_time.py --steps "${STEPS:-10}" --image-size "${IMAGE_SIZE:-200}" \
+            "$cache" $precision | grep -E "^(backend|steps|seconds_per_step|losses)"
+    done
     echo "plain Keras ResNet50 step, JAX, $cache:"
     "$python" benchmarks/plain_resnet_step.py --steps "${STEPS:-10}" --image-size "${IMAGE_SIZE:-200}" "$cache" | grep -E "^(steps|seconds_per_step)"
 done

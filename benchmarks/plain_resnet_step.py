@@ -65,8 +65,8 @@ def main(argv=None):
         if step >= args.warmup:
             durations.append(time.perf_counter() - started)
     print(f"backend {keras.backend.backend()} cache_features {args.cache_features}")
-    print("steps:", " ".join(f"{seconds:.2f}" for seconds in durations))
-    print(f"seconds_per_step {statistics.median(durations):.3f}")
+    print("steps:", " ".join(f"{seconds:.3f}" for seconds in durations))
+    print(f"seconds_per_step {statistics.median(durations):.4f}")
     return 0
 
 

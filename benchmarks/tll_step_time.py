@@ -109,8 +109,8 @@ def main(argv=None):
     )
     print("losses:", " ".join(f"{loss:.5f}" for loss in losses))
     durations = timer.durations[args.warmup :]
-    print("steps:", " ".join(f"{seconds:.2f}" for seconds in durations))
-    print(f"seconds_per_step {statistics.median(durations):.3f}")
+    print("steps:", " ".join(f"{seconds:.3f}" for seconds in durations))
+    print(f"seconds_per_step {statistics.median(durations):.4f}")
     return 0
 
 
