@@ -9,7 +9,8 @@
 #      float32: compare it with the triplet step's float32 line.
 # It installs nothing from a network: WHEELS is a folder of the wheels that machine lacks
 # (Keras and what it needs: keras, namex, optree; filelock 4.3 or newer), installed into a
-# temporary folder. A run takes about 2 minutes on one H200; on a 2-core CPU, 10 or more.
+# temporary folder. A run took 225 s on one H200 (docs/performance.md); on a 2-core CPU, 10
+# minutes or more.
 #
 #     bash benchmarks/gpu_check.sh WHEELS [PYTHON]
 #     STEPS=2 IMAGE_SIZE=64 bash benchmarks/gpu_check.sh WHEELS   # a quick trial (10, 200)
