@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from siamese_support import devices, real_pairs  # noqa: E402
+from siamese_support import real_pairs  # noqa: E402
 
 
 def main(argv=None):
@@ -35,9 +35,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.output / "left").exists() or (args.output / "right").exists():
         parser.error(f"{args.output} already holds left/ or right/; choose a new folder")
-    # The PNG files are encoded with TensorFlow: import it here, without its notices.
-    with devices.quiet_tensorflow_start():
-        import tensorflow  # noqa: F401
     try:
         real_pairs.make_real_dataset(args.output, args.pairs, args.seed, args.source)
     except (ValueError, OSError, KeyError) as error:

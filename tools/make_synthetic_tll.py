@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from siamese_support import devices, synthetic  # noqa: E402
+from siamese_support import synthetic  # noqa: E402
 
 
 def main(argv=None):
@@ -36,9 +36,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.output / "left").exists() or (args.output / "right").exists():
         parser.error(f"{args.output} already holds left/ or right/; choose a new folder")
-    # The generator encodes its JPEGs with TensorFlow: import it here, without its notices.
-    with devices.quiet_tensorflow_start():
-        import tensorflow  # noqa: F401
     try:
         synthetic.make_synthetic_dataset(
             args.output,
