@@ -1,41 +1,57 @@
 #!/usr/bin/env bash
-# The GPU check: on a machine with a GPU and JAX but without TensorFlow or Keras, print
-#   1. mnist_siamese.py's seconds per epoch under JAX (the 5,000 digits of data/mnist-tiny.npz,
-#      8,660 training pairs, batch 128, 3 epochs; the first epoch includes the compilation),
-#   2. the triplet model's seconds per training step under JAX at 200 x 200, batch 32, weights
-#      none, with the frozen trunk's features cached (the script's default) and without, each
-#      under the script's default precision (mixed float16 on a GPU) and in float32, and
-#   3. the plain Keras ResNet50 step on the same work (benchmarks/plain_resnet_step.py), in
-#      float32: compare it with the triplet step's float32 line.
+# The GPU check: on a machine with a GPU and JAX but without TensorFlow or Keras, measure
+# what users run, each script's own epoch, beside its compiled step:
+#   1. mnist_siamese.py under JAX on a 60,000-digit stand-in made from data/mnist-tiny.npz
+#      (benchmarks/make_mnist_standin.py: 108,000 training pairs, as full MNIST gives),
+#      4 epochs, with the default --steps-per-execution and with 1: the epochs after the
+#      first from the run's metrics.json; then benchmarks/epoch_split.py on the same command
+#      (compilation, the time in and out of the compiled steps, the benchmark step) and the
+#      ratio of the script's epoch to the benchmark's steps (benchmarks/epoch_ratio.py);
+#   2. triplet_totally_looks_like.py the same way, on generated pairs at 200 x 200, batch 32,
+#      weights none, 4 epochs (default --steps-per-execution and 1), with its split and ratio;
+#      then the step benchmark of earlier checks, benchmarks/tll_step_time.py.
 # It installs nothing from a network: WHEELS is a folder of the wheels that machine lacks
 # (Keras and what it needs: keras, namex, optree; filelock 4.3 or newer), installed into a
-# temporary folder. A run took 225 s on one H200 (docs/performance.md); on a 2-core CPU, 10
-# minutes or more.
+# temporary folder. It is meant to take under 5 minutes on a GPU; on a 2-core CPU, with
+# PAIRS=60 IMAGE_SIZE=96 EPOCHS=2 MNIST_DATA=data/mnist-tiny.npz, about 10 minutes.
 #
 #     bash benchmarks/gpu_check.sh WHEELS [PYTHON]
-#     STEPS=2 IMAGE_SIZE=64 bash benchmarks/gpu_check.sh WHEELS   # a quick trial (10, 200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels="${1:?usage: bash benchmarks/gpu_check.sh WHEELS [PYTHON]}"
 python="${2:-python3}"
+pairs="${PAIRS:-600}" image_size="${IMAGE_SIZE:-200}" epochs="${EPOCHS:-4}"
 site="$(mktemp -d)"
 runs="$(mktemp -d)"
 "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 "$python" -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)"
 
-"$python" mnist_siamese.py --data data/mnist-tiny.npz --epochs 3 --no-plots \
-    --output-dir "$runs/mnist" > "$runs/mnist.log"
-"$python" -c "import json, sys; m = json.load(open(sys.argv[1])); print('mnist_siamese.py, JAX:', \
-round(m['seconds_per_epoch'], 3), 's per epoch (mean of 3, the first compiles)')" "$runs/mnist/metrics.json"
+# Runs SCRIPT with FLAGS as a user would, then under epoch_split.py; prints both and the ratio.
+measure() {
+    local name="$1" script="$2"
+    shift 2
+    echo "== $name: python $script $*"
+    "$python" "$script" "$@" --epochs "$epochs" --no-plots --output-dir "$runs/$name" \
+        > "$runs/$name.log" 2>&1 || { tail -5 "$runs/$name.log"; return 1; }
+    "$python" -c "import json, sys; m = json.load(open(sys.argv[1])); print('epoch_seconds', \
+m['epoch_seconds'], 'steps_per_execution', m.get('steps_per_execution'))" "$runs/$name/metrics.json"
+    "$python" benchmarks/epoch_split.py "$script" "$@" --epochs 3 --no-plots \
+        --output-dir "$runs/$name-split" > "$runs/$name-split.log" 2>&1 \
+        || { tail -5 "$runs/$name-split.log"; return 1; }
+    sed -n '/^traces:/,$p' "$runs/$name-split.log"
+    "$python" benchmarks/epoch_ratio.py "$runs/$name/metrics.json" "$runs/$name-split.log"
+}
 
-for cache in --cache-features --no-cache-features; do
-    for precision in "" --no-mixed-precision; do
-        echo "triplet step, JAX, $cache ${precision:-(default precision, mixed float16 on a GPU)}:"
-        "$python" benchmarks/tll_step_time.py --steps "${STEPS:-10}" --image-size "${IMAGE_SIZE:-200}" \
-            "$cache" $precision | grep -E "^(backend|steps|seconds_per_step|losses)"
-    done
-    echo "plain Keras ResNet50 step, JAX, $cache:"
-    "$python" benchmarks/plain_resnet_step.py --steps "${STEPS:-10}" --image-size "${IMAGE_SIZE:-200}" "$cache" | grep -E "^(steps|seconds_per_step)"
-done
+"$python" benchmarks/make_mnist_standin.py "${MNIST_DATA:-data/mnist-tiny.npz}" "$runs/mnist-60k.npz"
+measure mnist mnist_siamese.py --data "$runs/mnist-60k.npz"
+measure mnist-one-step mnist_siamese.py --data "$runs/mnist-60k.npz" --steps-per-execution 1
+
+"$python" tools/make_synthetic_tll.py --pairs "$pairs" --image-size "$image_size" "$runs/tll"
+triplet=(--data-dir "$runs/tll" --weights none --image-size "$image_size")
+measure triplet triplet_totally_looks_like.py "${triplet[@]}"
+measure triplet-one-step triplet_totally_looks_like.py "${triplet[@]}" --steps-per-execution 1
+echo "== the triplet step benchmark (cached features, the script's default precision):"
+"$python" benchmarks/tll_step_time.py --steps 10 --image-size "$image_size" \
+    | grep -E "^(backend|steps|seconds_per_step)"
 rm -rf "$site" "$runs"
