@@ -34,6 +34,7 @@ distance_threshold = 0.5  # a pair is called "same digit" below this distance
 seed = 42  # the example is unseeded; a seed makes runs repeatable
 dry_run_batch_size = 32
 dry_run_epochs = 1
+steps_per_execution = 32  # training steps per compiled call: round trips from Python cost
 
 # The command line's defaults: the example's, and a dry run's (the subset shipped in data/).
 PARSER_DEFAULTS = {
@@ -45,6 +46,7 @@ PARSER_DEFAULTS = {
     "dry_run_epochs": dry_run_epochs,
     "dry_run_batch_size": dry_run_batch_size,
     "dry_run_data": pathlib.Path(__file__).resolve().parent / "data" / "mnist-tiny.npz",
+    "steps_per_execution": steps_per_execution,
 }
 
 if __name__ == "__main__":
@@ -61,8 +63,6 @@ with devices.quiet_tensorflow_start():
 
 from siamese_support import evaluation, mnist_data, pipelines, plots, run_folder, trained_model
 
-# Batches per call into the compiled training loop: round trips from Python cost the most.
-steps_per_execution = 32
 # Larger batches to validate and evaluate: the same figures, and a pass took 0.09 s, not 0.12 s.
 evaluation_batch_size = 1024
 
@@ -248,14 +248,25 @@ def accuracy(y_true, y_pred):
     return ops.cast(ops.equal(y_true, predicted_same), "float32")
 
 
-def train(model, train_dataset, test_dataset, epochs, margin, learning_rate, callbacks=()):
-    """The example's "train" step: RMSprop, the contrastive loss, the test pairs validate."""
+def train(
+    model,
+    train_dataset,
+    test_dataset,
+    epochs,
+    margin,
+    learning_rate,
+    callbacks=(),
+    steps_per_execution=steps_per_execution,
+):
+    """The example's "train" step: RMSprop, the contrastive loss, the test pairs validate.
+
+    `steps_per_execution`: steps per call into the compiled loop (`--steps-per-execution`).
+    """
     model.compile(
         loss=ContrastiveLoss(margin=margin),
         optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
         metrics=[accuracy],
-        # One step per call under MirroredStrategy and PyTorch (see `steps_per_call`).
-        steps_per_execution=devices.steps_per_call(steps_per_execution),
+        steps_per_execution=steps_per_execution,
         # XLA was measured under TensorFlow: its compile time (2-4 s) outweighed what it
         # saved. JAX always compiles; "auto" lets each other backend choose.
         jit_compile=False if keras.backend.backend() == "tensorflow" else "auto",
@@ -312,6 +323,8 @@ def main(argv=None):
         te_pairs, te_y = create_pairs(x_test, digit_indices, rng)
         training_pairs = f"{len(tr_pairs)} training pairs from {len(x_train)} images"
         print(f"{training_pairs}, {len(te_pairs)} test pairs from {len(x_test)} images", flush=True)
+        per_call = (args.steps_per_execution, steps_per_execution, len(tr_pairs), args.batch_size)
+        steps = devices.choose_steps_per_execution(*per_call, placement)  # per compiled call
         output_dir = run.start()
 
         # Network definition.
@@ -324,7 +337,7 @@ def main(argv=None):
         place = placement.share  # this process's part of each batch (several devices)
         tr_dataset = make_pair_dataset(x_train, tr_pairs, tr_y, args.batch_size, args.seed, place)
         te_dataset = make_pair_dataset(x_test, te_pairs, te_y, evaluation_batch_size, None, place)
-        training = (args.epochs, args.margin, args.learning_rate, run.callbacks)
+        training = (args.epochs, args.margin, args.learning_rate, run.callbacks, steps)
         with placement.scope():
             train(model, tr_dataset, te_dataset, *training)
 
@@ -343,6 +356,7 @@ def main(argv=None):
         models = {"siamese_model.keras": model, "embedding_network.keras": base_network}
         settings = dict(backend=keras.backend.backend(), processes=placement.process_count)
         settings.update(network=args.network, intra_op_threads=intra_op_threads)
+        settings.update(steps_per_execution=steps)
         settings.update(margin=args.margin, seed=args.seed, training_pairs=len(tr_pairs))
         settings.update(test_pairs=len(te_pairs), dry_run=args.dry_run)
         if run.finish(models, metrics, settings):

@@ -49,6 +49,8 @@ first_trainable_layer = "conv5_block1_out"
 dry_run_pairs = 48
 dry_run_image_size = 64
 dry_run_epochs = 1
+# Training steps per compiled call: on a CPU (a step takes 0.2 s or more), on a GPU.
+steps_per_execution = (1, 8)
 
 # The command line's defaults: the example's.
 PARSER_DEFAULTS = dict(epochs=epochs, batch_size=batch_size, margin=margin, seed=seed)
@@ -56,6 +58,7 @@ PARSER_DEFAULTS.update(learning_rate=learning_rate, validation_split=validation_
 PARSER_DEFAULTS.update(image_size=target_shape[0], minimum_image_size=minimum_image_size)
 PARSER_DEFAULTS.update(dry_run_pairs=dry_run_pairs, dry_run_epochs=dry_run_epochs)
 PARSER_DEFAULTS.update(dry_run_image_size=dry_run_image_size)
+PARSER_DEFAULTS["steps_per_execution"] = steps_per_execution
 
 if __name__ == "__main__":
     # --help and mistakes answer here, before Keras imports TensorFlow (about 5 s).
@@ -183,10 +186,8 @@ def prepare_pairs(data_dir, limit=None, validation_split=validation_split, seed=
 
 def training_triplet_indices(pair_count, seed=seed):
     """A `tf.data` dataset of (anchor, positive, negative) indices into `anchors + positives`.
-
     Pair i is (i, pair_count + i). The pairs are reshuffled every epoch and every anchor
-    gets a new negative every epoch, by the rule of `choose_negatives`.
-    """
+    gets a new negative every epoch, by the rule of `choose_negatives`."""
     if pair_count < 2:
         raise ValueError("training needs at least two pairs")
     if keras.backend.backend() != "tensorflow":  # JAX, PyTorch: a function of the epoch
@@ -215,10 +216,8 @@ def epoch_triplet_indices(pair_count, epoch, seed=seed):
 
 def training_triplets(anchor_images, positive_images, seed=seed):
     """A `tf.data` dataset of (anchor, positive, negative) file names for training.
-
     The pairs are reshuffled every epoch and every anchor gets a new negative every epoch,
-    drawn from the other training pairs only (validation images never appear here).
-    """
+    drawn from the other training pairs only (validation images never appear here)."""
     if len(anchor_images) != len(positive_images):
         raise ValueError("training_triplets needs as many anchors as positives")
     pool = list(anchor_images) + list(positive_images)
@@ -234,10 +233,8 @@ def training_triplets(anchor_images, positive_images, seed=seed):
 
 def validation_triplet_indices(negative_indices):
     """A `tf.data` dataset of the fixed validation triplets as indices, in order.
-
     Pair i is (i, pair_count + i), with the negative `negative_indices[i]` chosen once
-    (`choose_negatives`): every epoch's val_loss is measured on the same triplets.
-    """
+    (`choose_negatives`): every epoch's val_loss is measured on the same triplets."""
     negative_indices = np.asarray(negative_indices, np.int64)
     pair_count = len(negative_indices)
     triplets = (np.arange(pair_count), np.arange(pair_count) + pair_count, negative_indices)
@@ -350,10 +347,8 @@ class DistanceLayer(layers.Layer):
 
 def build_siamese_network(embedding):
     """Three inputs, one shared embedding model, the two distances as output.
-
     The inputs have the shape the embedding model takes: images, or for its trainable tail
-    (`stores.split_at_layer`), the frozen trunk's features.
-    """
+    (`stores.split_at_layer`), the frozen trunk's features."""
     input_shape = tuple(embedding.input.shape[1:])
     anchor_input = keras.Input(name="anchor", shape=input_shape)
     positive_input = keras.Input(name="positive", shape=input_shape)
@@ -488,10 +483,14 @@ class SiameseModel(keras.Model):
 # --- Training -----------------------------------------------------------------------------
 
 
-def train(siamese_model, train_dataset, val_dataset, epochs, learning_rate, jit_compile, callbacks):
-    """The example's training: Adam, `fit`, validation; XLA as `jit_compile` says, or Keras."""
+def train(siamese_model, train_dataset, val_dataset, epochs, learning_rate, compiling, callbacks):
+    """The example's training: Adam, `fit`, validation. `compiling`: XLA as `--jit-compile`
+    says, or as Keras decides (None); training steps per compiled call."""
+    jit_compile, steps = compiling
     jit = "auto" if jit_compile is None else jit_compile
-    siamese_model.compile(keras.optimizers.Adam(learning_rate), jit_compile=jit)
+    siamese_model.compile(
+        keras.optimizers.Adam(learning_rate), jit_compile=jit, steps_per_execution=steps
+    )
     # shuffle=False: the dataset reshuffles itself every epoch.
     options = dict(callbacks=list(callbacks), shuffle=False, verbose=progress.fit_verbosity())
     return siamese_model.fit(train_dataset, epochs=epochs, validation_data=val_dataset, **options)
@@ -502,11 +501,9 @@ def train(siamese_model, train_dataset, val_dataset, epochs, learning_rate, jit_
 
 def evaluate_embeddings(network, val_store, val_negatives, batch_size=batch_size):
     """Cosine similarities, distances, triplet accuracy and recall on the validation pairs.
-
     The example prints the mean cosine similarities of one training batch's anchors to its
     positives and negatives. Here each validation image is embedded once, from its store,
-    and every fixed validation triplet is scored (`evaluation.evaluate_triplets`).
-    """
+    and every fixed validation triplet is scored (`evaluation.evaluate_triplets`)."""
     embeddings = stores.embed_store(network, val_store, batch_size)
     pairs = len(val_negatives)  # anchors first, then positives
     return evaluation.evaluate_triplets(embeddings[:pairs], embeddings[pairs:], val_negatives)
@@ -551,6 +548,8 @@ def main(argv=None):
         val_anchors, val_positives, val_negatives = validation
         args.replicas = placement.device_count
         mining.check_batch_size(batch_size, len(train_anchors), args.negatives, args.replicas)
+        per_call = (args.steps_per_execution, steps_per_execution, len(train_anchors), batch_size)
+        args.steps_per_execution = devices.choose_steps_per_execution(*per_call, placement)
         settings = {name: getattr(args, name) for name in command_line.TRIPLET_RUN_SETTINGS}
         resumed = command_line.TRIPLET_RESUMED_SETTINGS  # recorded, and checked on --resume
         output_dir = run.start((train_anchors, val_anchors), settings, resumed)
@@ -572,7 +571,8 @@ def main(argv=None):
             siamese_network = build_siamese_network(network)
             shares = placement.loss_shares  # mined apart: each device's share of a batch
             siamese_model = SiameseModel(siamese_network, args.margin, args.negatives, shares)
-            training = (args.epochs, args.learning_rate, args.jit_compile, run.callbacks)
+            compiling = (args.jit_compile, args.steps_per_execution)
+            training = (args.epochs, args.learning_rate, compiling, run.callbacks)
             train(siamese_model, train_dataset, val_dataset, *training)
         after = evaluate_embeddings(network, val_store, val_negatives, batch_size)
 

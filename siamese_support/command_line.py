@@ -26,11 +26,12 @@ TRIPLET_OUTPUT_DIRS = ("runs/triplet_totally_looks_like", "runs/triplet_totally_
 TRIPLET_OUTPUT_FILES = ("metrics.json", "embedding.keras", "history.csv", "history-progress.csv")
 TRIPLET_OUTPUT_FILES += ("split.json", "settings.json", "similarities.csv", "triplets.png")
 TRIPLET_OUTPUT_FILES += ("loss.png", "distances.png", "retrieval.png")
-# The triplet settings a resumed run must keep (--epochs, --jit-compile, --distribute may
-# change), and all that its metrics.json records.
+# The triplet settings a resumed run must keep (--epochs, --jit-compile, --distribute,
+# --steps-per-execution may change), and all that its metrics.json records.
 TRIPLET_RESUMED_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate", "weights")
 TRIPLET_RESUMED_SETTINGS += ("negatives", "cache_features", "mixed_precision")
 TRIPLET_RUN_SETTINGS = TRIPLET_RESUMED_SETTINGS + ("seed", "jit_compile", "replicas", "dry_run")
+TRIPLET_RUN_SETTINGS += ("steps_per_execution",)
 
 
 class DownloadError(RuntimeError):
@@ -295,11 +296,28 @@ def add_distribute_option(parser, multi_process=False):
     )
 
 
+def add_steps_per_execution_option(parser, default):
+    """`--steps-per-execution`, the same in both scripts; `default`: a number, or a pair (on
+    a CPU, on a GPU), as `devices.choose_steps_per_execution` takes it."""
+    if isinstance(default, tuple):
+        default = f"{default[0]} on a CPU, {default[1]} on a GPU"
+    parser.add_argument(
+        "--steps-per-execution",
+        type=positive_int,
+        metavar="N",
+        help="training steps run per call into the compiled training loop (Keras's "
+        "steps_per_execution): fewer round trips from Python; the progress bar and the "
+        f"callbacks see every N-th step. At most an epoch's steps (default {default}, or "
+        "an epoch's steps if fewer; always 1 under PyTorch and MirroredStrategy)",
+    )
+
+
 def mnist_parser(defaults):
     """The command line of `mnist_siamese.py`.
 
     `defaults` maps names to the script's values: `epochs`, `batch_size`, `margin`,
-    `learning_rate`, `seed`, `dry_run_epochs`, `dry_run_batch_size`, `dry_run_data`.
+    `learning_rate`, `seed`, `dry_run_epochs`, `dry_run_batch_size`, `dry_run_data`,
+    `steps_per_execution`.
     """
     epochs, batch_size, seed = defaults["epochs"], defaults["batch_size"], defaults["seed"]
     margin, learning_rate = defaults["margin"], defaults["learning_rate"]
@@ -371,6 +389,7 @@ def mnist_parser(defaults):
         "1 for the MLP without a GPU, where it measured faster, otherwise 0; TensorFlow "
         "backend only)",
     )
+    add_steps_per_execution_option(parser, defaults["steps_per_execution"])
     return parser
 
 
@@ -399,7 +418,7 @@ def triplet_parser(defaults):
 
     `defaults` maps names to the script's values: `epochs`, `batch_size`, `margin`,
     `learning_rate`, `image_size`, `minimum_image_size`, `validation_split`, `seed`,
-    `dry_run_pairs`, `dry_run_image_size`, `dry_run_epochs`.
+    `dry_run_pairs`, `dry_run_image_size`, `dry_run_epochs`, `steps_per_execution`.
     """
     parser = ArgumentParser(
         prog="triplet_totally_looks_like.py",
@@ -505,6 +524,7 @@ def triplet_parser(defaults):
         action=argparse.BooleanOptionalAction,
         help="compile the training step with XLA (default: Keras decides, on with a GPU)",
     )
+    add_steps_per_execution_option(parser, defaults["steps_per_execution"])
     add_distribute_option(parser, multi_process=True)
     parser.add_argument(
         "--dry-run",

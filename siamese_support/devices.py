@@ -188,6 +188,63 @@ def steps_per_call(steps):
     return steps
 
 
+# Training data kept on an accelerator may take this share of its free memory; the rest is
+# the model's, its activations' and the optimizer's.
+device_share_for_data = 0.5
+
+
+def keeps_data_on_device(nbytes, device_count=1):
+    """Whether `nbytes` of training data go to the device once, to be gathered there by index.
+
+    Only under JAX, on one device (`DataParallel` shards host batches over several), and on
+    an accelerator whose free memory holds them (`device_share_for_data`). Each batch is
+    then a gather on the device, not a gather in NumPy and a copy from the host: a few
+    microseconds of dispatch instead of a copy per step. A CPU's "device" is the host's
+    memory: the NumPy batches stay, and a copy of the data would only add to the memory.
+    """
+    if keras_backend() != "jax" or device_count > 1:
+        return False
+    import jax
+
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        return False
+    stats = device.memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    return nbytes <= device_share_for_data * free
+
+
+def choose_steps_per_execution(requested, default, examples, batch_size, placement):
+    """Training steps per call into the compiled loop (`compile(steps_per_execution=...)`).
+
+    An epoch is `examples` in batches of `batch_size`. `requested` (`--steps-per-execution`)
+    None: `default`, at most an epoch's steps; a
+    `default` pair is `(on a CPU, on an accelerator)` (`accelerator_visible`). Keras
+    runs one step per call under PyTorch and under `tf.distribute.MirroredStrategy`
+    (`steps_per_call`): there it is 1. A requested number above an epoch's steps, or above
+    1 where Keras cannot run it, is a `ValueError`. `placement` is `choose_placement`'s.
+    """
+    steps_per_epoch = -(-examples // batch_size)
+    with placement.scope():
+        one_at_a_time = steps_per_call(2) == 1
+    if requested is None:
+        if isinstance(default, tuple):
+            default = default[accelerator_visible()]
+        return 1 if one_at_a_time else max(1, min(default, steps_per_epoch))
+    if requested > steps_per_epoch:
+        raise ValueError(
+            f"--steps-per-execution {requested} is more than the {steps_per_epoch} training "
+            f"step{'s' * (steps_per_epoch != 1)} of an epoch"
+        )
+    if requested > 1 and one_at_a_time:
+        why = "Keras's PyTorch backend" if keras_backend() == "torch" else "MirroredStrategy"
+        raise ValueError(
+            f"--steps-per-execution {requested}: {why} runs one training step per call "
+            "(give 1, or leave the option out)"
+        )
+    return requested
+
+
 def process_place(distribute):
     """This process's `(index, count)`: `(0, 1)` unless `distribute` is "multi-process".
 

@@ -6,10 +6,12 @@ nothing about Siamese networks, live here. TensorFlow is imported only by the fu
 that build `tf.data` pipelines: `PairBatches` and `TripletBatches` need only NumPy and Keras.
 """
 
+import functools
+
 import keras
 import numpy as np
 
-from siamese_support.devices import without_autotuning
+from siamese_support.devices import keeps_data_on_device, without_autotuning
 
 __all__ = ["PairBatches", "TripletBatches", "pair_dataset", "shuffled_index_batches"]
 __all__ += ["without_autotuning"]
@@ -69,6 +71,41 @@ def pair_dataset(images, pairs, labels=None, batch_size=128, seed=None):
     return without_autotuning(dataset.prefetch(tf.data.AUTOTUNE))
 
 
+def to_device(arrays):
+    """NumPy arrays (a tuple, None allowed) on JAX's default device, copied from the host once."""
+    import jax
+
+    return jax.device_put(arrays)
+
+
+@functools.cache
+def _pair_gather():
+    """`PairBatches`' batch, gathered from tables on the device by one compiled call.
+
+    The same numbers as its NumPy batch: each uint8 pixel p becomes the float32 p / 255,
+    looked up in a table that NumPy divided (XLA would multiply by 1 / 255 instead, which
+    moves half of the values by one unit in the last place).
+    """
+    import jax
+
+    scaled = jax.numpy.asarray(np.arange(256, dtype=np.float32) / np.float32(255.0))
+
+    def gather(images, pairs, labels, rows):
+        pair_images = scaled[images[pairs[rows]]]
+        inputs = (pair_images[:, 0], pair_images[:, 1])
+        return (inputs,) if labels is None else (inputs, labels[rows][:, None])
+
+    return jax.jit(gather)
+
+
+@functools.cache
+def _triplet_gather():
+    """`TripletBatches`' batch `((anchor, positive, negative),)` gathered on the device."""
+    import jax
+
+    return jax.jit(lambda store, rows: (tuple(store[part] for part in rows),))
+
+
 class PairBatches(keras.utils.PyDataset):
     """`((image_a, image_b), label)` batches gathered from index pairs, with NumPy alone.
 
@@ -83,6 +120,10 @@ class PairBatches(keras.utils.PyDataset):
     batch that does not split evenly over the devices (a short last one) is padded with
     repeats of its first pair, weighted 0, so that every pair is seen once an epoch; the
     batches then carry sample weights (1 for every real pair).
+
+    `on_device` (default: `devices.keeps_data_on_device`, JAX on one accelerator): the
+    images, pairs and labels are copied to the device once, and each batch is gathered and
+    scaled there, by one compiled call, from the batch's row numbers.
     """
 
     def __init__(
@@ -95,6 +136,7 @@ class PairBatches(keras.utils.PyDataset):
         process_index=0,
         process_count=1,
         device_count=1,
+        on_device=None,
     ):
         super().__init__()
         self.images, self.pairs = np.asarray(images), np.asarray(pairs)
@@ -102,6 +144,16 @@ class PairBatches(keras.utils.PyDataset):
         self.batch_size, self.seed = batch_size, seed
         self.process_index, self.process_count = process_index, process_count
         self.device_count = device_count
+        if on_device is None:
+            nbytes = sum(
+                array.nbytes
+                for array in (self.images, self.pairs, self.labels)
+                if array is not None
+            )
+            on_device = keeps_data_on_device(nbytes, device_count)
+        self.on_device = bool(on_device) and device_count == 1
+        if self.on_device:
+            self.images, self.pairs, self.labels = to_device((self.images, self.pairs, self.labels))
         self.passes = 0
         self.order = self._order()
 
@@ -123,6 +175,8 @@ class PairBatches(keras.utils.PyDataset):
             share = padded_size // self.process_count
             start = self.process_index * share
             rows, weights = padded[start : start + share], weights[start : start + share]
+        if self.on_device:
+            return _pair_gather()(self.images, self.pairs, self.labels, rows.astype(np.int32))
         pair_images = self.images[self.pairs[rows]].astype(np.float32) / 255.0
         inputs = (pair_images[:, 0], pair_images[:, 1])
         if self.labels is None:
@@ -151,6 +205,9 @@ class TripletBatches(keras.utils.PyDataset):
     `device_count`, others every epoch, as the order changes), or is padded with repeats
     of its first triplet, weighted 0, when `pad` is true (validation: every triplet counts
     once); its batches then carry sample weights, `((a, p, n), None, weights)`.
+
+    `on_device` as in `PairBatches`: a store in memory (never a `stores.DiskStore`) goes to
+    the device once, and each batch is gathered there.
     """
 
     def __init__(
@@ -162,8 +219,15 @@ class TripletBatches(keras.utils.PyDataset):
         process_count=1,
         device_count=1,
         pad=False,
+        on_device=None,
     ):
         super().__init__()
+        in_memory = isinstance(store, np.ndarray)
+        if on_device is None:
+            on_device = in_memory and keeps_data_on_device(store.nbytes, device_count)
+        self.on_device = bool(on_device) and in_memory and device_count == 1
+        if self.on_device:
+            store = to_device(store)
         self.store, self.triplets, self.batch_size = store, triplets, batch_size
         self.process_index, self.process_count = process_index, process_count
         self.device_count, self.pad = device_count, pad
@@ -192,6 +256,8 @@ class TripletBatches(keras.utils.PyDataset):
             start = self.process_index * share
             rows = rows[:, start : start + share]
             weights = None if weights is None else weights[start : start + share]
+        if self.on_device:
+            return _triplet_gather()(self.store, rows.astype(np.int32))
         triplet = tuple(np.asarray(self.store[part]) for part in rows)
         return (triplet,) if weights is None else (triplet, None, weights)
 

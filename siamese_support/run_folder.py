@@ -266,6 +266,8 @@ def check_same_settings(output_dir, settings):
 class EpochTimer(keras.callbacks.Callback):
     """Wall time of each epoch (training and validation) run in this process."""
 
+    durations = ()  # until training begins
+
     def on_train_begin(self, logs=None):
         self.durations = []
 
@@ -316,6 +318,10 @@ class InterruptSafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     errors and can crash the process, and the previous epoch's backup must stay intact.
     """
 
+    # Saves only at an epoch's end: its batch hook (Keras's, a counter) may run on Keras's
+    # thread for callbacks, so that under JAX the training loop does not wait for each step.
+    async_safe = True
+
     def on_epoch_end(self, epoch, logs=None):
         self._check_free_space()
         with ctrl_c_deferred():
@@ -359,6 +365,9 @@ class TensorBoardLogs(keras.callbacks.TensorBoard):
         # `tf.summary` loads TensorBoard's summary code at its first call: 0.08-0.35 s,
         # measured, which would fall inside the first epoch.
         import tensorboard.summary.v2  # noqa: F401
+
+    # Its batch hook does nothing (below): Keras may call it on its thread for callbacks.
+    async_safe = True
 
     def on_train_batch_end(self, batch, logs=None):
         # Keras calls `tf.summary.scalar` for every batch even when it logs per epoch, with
@@ -693,9 +702,10 @@ class Run(contextlib.ExitStack):
     def finish(self, models, metrics, settings):
         """Save `models` (file name to model) and `history.csv`, then `metrics.json`, last.
 
-        `metrics.json` holds `metrics`, the number of epochs, the mean seconds per epoch run
-        in this process, and `settings`. Other processes of a multi-process run write
-        nothing and drop their resume state. Returns whether this process wrote outputs.
+        `metrics.json` holds `metrics`, the number of epochs, the seconds of each epoch run
+        in this process (`epoch_seconds`) and their mean, and `settings`. Other processes of
+        a multi-process run write nothing and drop their resume state. Returns whether this
+        process wrote outputs.
         """
         if not self.writes_outputs:
             finish_run(self.output_dir, None)
@@ -705,7 +715,8 @@ class Run(contextlib.ExitStack):
             save_model(model, self.output_dir / name)
         columns = None if history_rows else ["epoch", "loss", "val_loss"]
         self.write_csv(history_rows, "history.csv", columns)
-        seconds_per_epoch = self.callbacks[-1].mean()  # the EpochTimer
-        record = {**metrics, "epochs": len(history_rows), "seconds_per_epoch": seconds_per_epoch}
+        timer = self.callbacks[-1]  # the EpochTimer
+        record = {**metrics, "epochs": len(history_rows), "seconds_per_epoch": timer.mean()}
+        record["epoch_seconds"] = [round(seconds, 4) for seconds in timer.durations]
         finish_run(self.output_dir, {**record, **settings})
         return True

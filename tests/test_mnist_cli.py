@@ -128,6 +128,8 @@ def test_dry_run_history_and_metrics(dry_run):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert metrics["epochs"] == 1
     assert metrics["seconds_per_epoch"] > 0
+    assert metrics["epoch_seconds"] == [pytest.approx(metrics["seconds_per_epoch"], abs=1e-4)]
+    assert metrics["steps_per_execution"] == 32  # the default, on an epoch of 271 steps
     assert metrics["best_threshold"] > 0
     assert metrics["test_accuracy"] >= 0.75, metrics
     # The MLP on a machine without a GPU runs one thread per operation (measured faster);

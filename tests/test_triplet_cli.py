@@ -111,6 +111,7 @@ def test_dry_run_writes_every_output(dry_run):
     assert 0 <= metrics["recall_at_1"] <= metrics["recall_at_5"] <= metrics["recall_at_10"] <= 1
     assert -1 <= metrics["negative_similarity"] <= 1 and -1 <= metrics["positive_similarity"] <= 1
     assert metrics["epochs"] == 1 and metrics["dry_run"] is True
+    assert len(metrics["epoch_seconds"]) == 1 and metrics["steps_per_execution"] == 1  # a CPU
     assert metrics["image_size"] == 64 and metrics["weights"] is None
     assert metrics["validation_pairs"] == 10 and metrics["skipped_pairs"] == []
 

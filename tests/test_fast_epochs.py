@@ -1,0 +1,249 @@
+"""What makes an epoch fast: steps per compiled call, data gathered on the device, one trace.
+
+- `--steps-per-execution`: its default, what a run records, and its bad values (0, more
+  than an epoch's steps, more than 1 where Keras runs one step per call), each one line on
+  stderr and exit code 2, before any training.
+- Data kept on the device (JAX on an accelerator): the batches gathered there are the NumPy
+  batches, bit for bit, and a whole run trains the same with them; here, on a CPU, the
+  device path is forced.
+- `metrics.json`'s `epoch_seconds`, the callbacks that let Keras run batch hooks on its
+  thread, and the epoch-split benchmark (no step traced again after the first epoch).
+"""
+
+import csv
+import json
+import pathlib
+import re
+import textwrap
+
+import helpers
+import keras
+import numpy as np
+import pytest
+from helpers import FIXTURE, MNIST, REPOSITORY, TRIPLET
+
+import mnist_siamese
+from siamese_support import devices, pipelines, run_folder
+
+MNIST_RUN = ["--data", FIXTURE, "--limit", "600", "--no-plots", "--intra-op-threads", "0"]
+
+# Runs a script as `python SCRIPT ARGS` would, with the data kept "on the device" (JAX's CPU).
+ON_DEVICE = textwrap.dedent(
+    """
+    import runpy, sys
+    from siamese_support import pipelines
+
+    pipelines.keeps_data_on_device = lambda nbytes, device_count=1: device_count == 1
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def read_history(output_dir):
+    with open(pathlib.Path(output_dir) / "history.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def read_json(path):
+    return json.loads(pathlib.Path(path).read_text())
+
+
+class FakePlacement:
+    """A `devices.Placement` stand-in: only `scope` is read."""
+
+    def __init__(self, scope=None):
+        self.scope = scope or (lambda: __import__("contextlib").nullcontext())
+
+
+# ---------------------------------------------------------------------------
+# --steps-per-execution
+# ---------------------------------------------------------------------------
+
+
+def test_steps_per_execution_default_is_capped_by_the_epoch():
+    choose = devices.choose_steps_per_execution
+    placement = FakePlacement()
+    assert choose(None, 32, 1000, 10, placement) == 32  # 100 steps an epoch
+    assert choose(None, 32, 95, 10, placement) == 10  # an epoch of 10 steps
+    assert choose(None, 32, 5, 10, placement) == 1
+    assert choose(7, 32, 95, 10, placement) == 7
+    assert choose(10, 32, 95, 10, placement) == 10  # the whole epoch in one call
+    # A pair is (on a CPU, on an accelerator): this machine has no GPU.
+    assert not devices.accelerator_visible()
+    assert choose(None, (1, 8), 1000, 10, placement) == 1
+
+
+def test_steps_per_execution_above_an_epoch_is_refused():
+    with pytest.raises(ValueError, match=r"--steps-per-execution 11 is more than the 10 training"):
+        devices.choose_steps_per_execution(11, 32, 95, 10, FakePlacement())
+    with pytest.raises(ValueError, match=r"the 1 training step of an epoch"):
+        devices.choose_steps_per_execution(2, 32, 3, 10, FakePlacement())
+
+
+def test_steps_per_execution_is_one_where_keras_runs_one_step_per_call(monkeypatch):
+    monkeypatch.setattr(devices, "keras_backend", lambda: "torch")
+    choose = devices.choose_steps_per_execution
+    assert choose(None, 32, 1000, 10, FakePlacement()) == 1
+    assert choose(1, 32, 1000, 10, FakePlacement()) == 1
+    with pytest.raises(ValueError, match="PyTorch backend runs one training step per call"):
+        choose(4, 32, 1000, 10, FakePlacement())
+
+
+@helpers.needs("tensorflow")
+def test_steps_per_execution_under_mirrored_strategy():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("MirroredStrategy is TensorFlow's")
+    placement = devices.choose_placement("mirrored", 32)
+    assert devices.choose_steps_per_execution(None, 32, 1000, 10, placement) == 1
+    with pytest.raises(ValueError, match="MirroredStrategy runs one training step per call"):
+        devices.choose_steps_per_execution(4, 32, 1000, 10, placement)
+
+
+@pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
+def test_help_names_the_option_and_zero_is_refused_at_once(script, tmp_path):
+    shown = helpers.run(script, ["--help"], tmp_path, python_code=helpers.RUN_WITHOUT_TENSORFLOW)
+    assert shown.returncode == 0, helpers.describe(shown)
+    assert "--steps-per-execution N" in shown.stdout
+    default = "default 32" if script == MNIST else "default 1 on a CPU, 8 on a GPU"
+    assert default in " ".join(shown.stdout.split()), shown.stdout
+    for value in ("0", "-3", "two"):
+        result = helpers.run(script, ["--steps-per-execution", value], tmp_path)
+        helpers.assert_one_line_error(result, script.name, "--steps-per-execution")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_mnist_steps_per_execution_above_an_epoch_is_one_line(capsys, tmp_path):
+    # 600 images of each set make 8 training batches of 128 pairs.
+    args = [*MNIST_RUN, "--steps-per-execution", "9", "--output-dir", tmp_path / "out"]
+    result = helpers.run_main(mnist_siamese, args, tmp_path, capsys)
+    line = helpers.assert_one_line_error(result, "mnist_siamese.py", "--steps-per-execution 9")
+    assert "8 training steps of an epoch" in line
+    assert not (tmp_path / "out").exists()  # refused before the run folder was made
+
+
+@pytest.mark.slow
+def test_triplet_steps_per_execution_above_an_epoch_is_one_line(tmp_path):
+    # The dry run: 38 training pairs, batches of 32, 2 steps an epoch.
+    args = ["--dry-run", "--steps-per-execution", "3", "--output-dir", tmp_path / "out"]
+    result = helpers.run(TRIPLET, args, tmp_path)
+    line = helpers.assert_one_line_error(result, TRIPLET.name, "--steps-per-execution 3")
+    assert "2 training steps of an epoch" in line
+    assert not (tmp_path / "out" / "settings.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# Data gathered on the device
+# ---------------------------------------------------------------------------
+
+
+def test_pair_batches_gathered_on_the_device_are_the_numpy_batches():
+    pytest.importorskip("jax")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    pairs = rng.integers(0, 50, (37, 2)).astype(np.int32)
+    labels = (rng.random(37) > 0.5).astype(np.float32)
+    for with_labels in (labels, None):
+        host = pipelines.PairBatches(images, pairs, with_labels, 8, 3, on_device=False)
+        device = pipelines.PairBatches(images, pairs, with_labels, 8, 3, on_device=True)
+        assert device.on_device and not host.on_device
+        for _ in range(2):  # two epochs, two orders
+            for index in range(len(host)):
+                expected, got = host[index], device[index]
+                assert type(got[0][0]).__module__.startswith("jax")
+                for want, have in zip(
+                    keras.tree.flatten(expected), keras.tree.flatten(got), strict=True
+                ):
+                    assert have.dtype == want.dtype and have.shape == want.shape
+                    np.testing.assert_array_equal(np.asarray(have), want)  # bit for bit
+            host.on_epoch_end()
+            device.on_epoch_end()
+
+
+def test_triplet_batches_gathered_on_the_device_are_the_store_rows():
+    pytest.importorskip("jax")
+    store = np.random.default_rng(1).normal(size=(20, 3, 3, 4)).astype(np.float32)
+
+    def triplets(epoch):
+        order = np.random.default_rng([5, epoch]).permutation(10)
+        return order, order + 10, (order + 1) % 10
+
+    host = pipelines.TripletBatches(store, triplets, 4, on_device=False)
+    device = pipelines.TripletBatches(store, triplets, 4, on_device=True)
+    for _ in range(2):
+        for index in range(len(host)):
+            ((expected),), ((got),) = host[index], device[index]
+            for want, have in zip(expected, got, strict=True):
+                np.testing.assert_array_equal(np.asarray(have), want)
+        host.on_epoch_end()
+        device.on_epoch_end()
+    # A store on disk, and a run over several devices, keep the host's batches.
+    assert not pipelines.TripletBatches(store, triplets, 4, 0, 2, 2, on_device=True).on_device
+
+
+def test_data_stays_on_the_host_of_a_cpu():
+    assert not devices.keeps_data_on_device(1000)
+    assert not devices.keeps_data_on_device(1000, device_count=2)
+
+
+@pytest.mark.slow
+@helpers.needs("jax")
+def test_a_jax_run_with_its_data_on_the_device_trains_as_on_the_host(tmp_path):
+    env = {"KERAS_BACKEND": "jax"}
+    mnist = [*MNIST_RUN[:-2], "--epochs", "2", "--steps-per-execution", "4"]
+    runs = {}
+    for name, code in (("host", None), ("device", ON_DEVICE)):
+        args = [*mnist, "--output-dir", tmp_path / f"mnist-{name}"]
+        runs[name] = helpers.start(MNIST, args, tmp_path, python_code=code, env=env)
+    for name, code in (("host", None), ("device", ON_DEVICE)):
+        args = ["--dry-run", "--no-plots", "--output-dir", tmp_path / f"triplet-{name}"]
+        result = helpers.run(TRIPLET, args, tmp_path, python_code=code, env=env, timeout=600)
+        assert result.returncode == 0, helpers.describe(result)
+    for process in runs.values():
+        result = helpers.finish(process, timeout=600)
+        assert result.returncode == 0, helpers.describe(result)
+    for script in ("mnist", "triplet"):
+        host = read_history(tmp_path / f"{script}-host")
+        device = read_history(tmp_path / f"{script}-device")
+        assert host == device and host, (host, device)  # the same numbers, to every digit
+    metrics = read_json(tmp_path / "mnist-device" / "metrics.json")
+    assert metrics["steps_per_execution"] == 4 and metrics["epochs"] == 2
+    assert len(metrics["epoch_seconds"]) == 2 and min(metrics["epoch_seconds"]) > 0
+    assert metrics["seconds_per_epoch"] == pytest.approx(np.mean(metrics["epoch_seconds"]), 1e-3)
+    assert read_json(tmp_path / "triplet-device" / "metrics.json")["steps_per_execution"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Callbacks, and the benchmark that splits an epoch
+# ---------------------------------------------------------------------------
+
+
+def test_the_runs_callbacks_let_keras_run_batch_hooks_on_its_thread(tmp_path):
+    # Keras runs batch-end hooks on a thread of its own only when every callback has the
+    # default hooks or says `async_safe`; one that does not makes the loop wait each step.
+    for callback in run_folder.training_callbacks(tmp_path):
+        default = all(
+            getattr(type(callback), hook) is getattr(keras.callbacks.Callback, hook)
+            for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end")
+        )
+        assert default or getattr(callback, "async_safe", False), type(callback).__name__
+
+
+@pytest.mark.slow
+@helpers.needs("jax")
+def test_epoch_split_shows_no_trace_after_the_first_epoch(tmp_path):
+    args = ["mnist_siamese.py", *MNIST_RUN[:-2], "--epochs", "3", "--output-dir", tmp_path / "m"]
+    result = helpers.run(
+        REPOSITORY / "benchmarks" / "epoch_split.py",
+        args,
+        REPOSITORY,
+        env={"KERAS_BACKEND": "jax"},
+        timeout=600,
+    )
+    assert result.returncode == 0, helpers.describe(result)
+    rows = re.findall(r"^\s+(\d)\s+([\d.]+)\s+(\d+)\s.*\s(\d+)$", result.stdout, re.MULTILINE)
+    assert [row[0] for row in rows] == ["1", "2", "3"], result.stdout
+    assert all(row[2] == "8" for row in rows)  # training steps an epoch
+    assert int(rows[0][3]) >= 1 and [row[3] for row in rows[1:]] == ["0", "0"], result.stdout
+    ratios = re.findall(r"^epoch \d: ([\d.]+) x the benchmark steps$", result.stdout, re.MULTILINE)
+    assert len(ratios) == 2 and all(float(ratio) > 0.5 for ratio in ratios), result.stdout
