@@ -13,12 +13,14 @@ flags, under whichever Keras backend `KERAS_BACKEND` names), with timers around 
   Keras's loop and the callbacks;
 - **the benchmark step**: the same compiled training and validation functions called on one
   batch of the run, already fetched, on copies of the state (the run's weights are not
-  touched), the median of `--repeats` calls per step.
+  touched), the median of `REPEATS` calls per step.
 
-The last line compares each epoch after the first with (training steps x the benchmark's
+The last lines compare each epoch after the first with (training steps x the benchmark's
 training step + validation steps x its validation step): 1.0 means no time outside the
-compiled steps. Calls are synchronised (`jax.block_until_ready`), so that each is timed
-whole; without that JAX would overlap the Python loop with the device's work.
+compiled steps; then its training calls alone with (training steps x the training step),
+which leaves out the validation and the callbacks at the epoch's end (the backup, the logs).
+Calls are synchronised (`jax.block_until_ready`), so that each is timed whole; without that
+JAX would overlap the Python loop with the device's work.
 
     python benchmarks/epoch_split.py mnist_siamese.py --limit 22699 --epochs 3 --no-plots \\
         --output-dir /tmp/split --overwrite
@@ -248,7 +250,11 @@ def report(split, compile_seconds):
     print(f"steps an epoch: {steps[0]} training, {steps[1]} validation")
     print(f"expected epoch from the benchmark step: {expected:.3f} s")
     for number, epoch in enumerate(split.epochs[1:], 2):
-        print(f"epoch {number}: {epoch['seconds'] / expected:.2f} x the benchmark steps")
+        training = epoch["train"]["calls"] / (steps[0] * step["train"])
+        print(
+            f"epoch {number}: {epoch['seconds'] / expected:.2f} x the benchmark steps; its "
+            f"training steps alone: {training:.2f} x"
+        )
 
 
 def main(argv):
