@@ -74,6 +74,14 @@ def test_steps_per_execution_default_is_capped_by_the_epoch():
     assert choose(None, (1, 8), 1000, 10, placement) == 1
 
 
+def test_steps_per_execution_default_pair_picks_the_gpu_value_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(devices, "accelerator_visible", lambda: True)
+    choose = devices.choose_steps_per_execution
+    assert choose(None, (1, 8), 1000, 10, FakePlacement()) == 8
+    assert choose(None, (1, 8), 50, 10, FakePlacement()) == 5  # capped by the epoch
+    assert choose(3, (1, 8), 1000, 10, FakePlacement()) == 3  # asked for
+
+
 def test_steps_per_execution_above_an_epoch_is_refused():
     with pytest.raises(ValueError, match=r"--steps-per-execution 11 is more than the 10 training"):
         devices.choose_steps_per_execution(11, 32, 95, 10, FakePlacement())
