@@ -319,7 +319,7 @@ class InterruptSafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     """
 
     # Saves only at an epoch's end: its batch hook (Keras's, a counter) may run on Keras's
-    # thread for callbacks, so that under JAX the training loop does not wait for each step.
+    # thread for callbacks, so that under JAX the training loop does not wait for each call.
     async_safe = True
 
     def on_epoch_end(self, epoch, logs=None):
