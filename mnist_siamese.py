@@ -266,7 +266,8 @@ def train(
         loss=ContrastiveLoss(margin=margin),
         optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
         metrics=[accuracy],
-        steps_per_execution=steps_per_execution,
+        # One step per call under MirroredStrategy and PyTorch (see `steps_per_call`).
+        steps_per_execution=devices.steps_per_call(steps_per_execution),
         # XLA was measured under TensorFlow: its compile time (2-4 s) outweighed what it
         # saved. JAX always compiles; "auto" lets each other backend choose.
         jit_compile=False if keras.backend.backend() == "tensorflow" else "auto",
@@ -302,18 +303,15 @@ def main(argv=None):
         inputs = (args.images, args.pairs, args.run_dir, args.output, euclidean_distance)
         return trained_model.compare_digits(*inputs, distance_threshold)
     # The run folder: one run at a time, resumable; process 0 of several writes the outputs.
-    place = devices.process_place(args.distribute)
     folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
-    with run_folder.Run(*folder, place, epochs=args.epochs) as run:
-        intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
+    with run_folder.Run(*folder, devices.process_place(args.distribute), epochs=args.epochs) as run:
+        args.intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
         placement = devices.choose_placement(args.distribute, args.batch_size)
         print(placement.line, flush=True)
         devices.set_random_seed(args.seed)  # Python, NumPy and the backend
 
         # The data, split between train and test sets (uint8; scaled batch by batch).
-        (x_train, y_train), (x_test, y_test) = mnist_data.load_mnist(args.data)
-        x_train, y_train = mnist_data.limit_images(x_train, y_train, args.limit, "training")
-        x_test, y_test = mnist_data.limit_images(x_test, y_test, args.limit, "test")
+        (x_train, y_train), (x_test, y_test) = mnist_data.load_limited(args.data, args.limit)
 
         # Create training+test positive and negative pairs.
         rng = np.random.default_rng(args.seed)
@@ -324,7 +322,7 @@ def main(argv=None):
         training_pairs = f"{len(tr_pairs)} training pairs from {len(x_train)} images"
         print(f"{training_pairs}, {len(te_pairs)} test pairs from {len(x_test)} images", flush=True)
         per_call = (args.steps_per_execution, steps_per_execution, len(tr_pairs), args.batch_size)
-        steps = devices.choose_steps_per_execution(*per_call, placement)  # per compiled call
+        args.steps_per_execution = devices.choose_steps_per_execution(*per_call, placement)
         output_dir = run.start()
 
         # Network definition.
@@ -337,9 +335,9 @@ def main(argv=None):
         place = placement.share  # this process's part of each batch (several devices)
         tr_dataset = make_pair_dataset(x_train, tr_pairs, tr_y, args.batch_size, args.seed, place)
         te_dataset = make_pair_dataset(x_test, te_pairs, te_y, evaluation_batch_size, None, place)
-        training = (args.epochs, args.margin, args.learning_rate, run.callbacks, steps)
+        training = (args.epochs, args.margin, args.learning_rate, run.callbacks)
         with placement.scope():
-            train(model, tr_dataset, te_dataset, *training)
+            train(model, tr_dataset, te_dataset, *training, args.steps_per_execution)
 
         # Compute final accuracy on training and test sets (dropout off).
         tr_distances = predict_distances(base_network, x_train, tr_pairs)
@@ -354,11 +352,9 @@ def main(argv=None):
             figures = (x_test, te_pairs, te_y, te_distances, metrics["best_threshold"])
             plots.plot_mnist_run(output_dir, run.history(), *figures)
         models = {"siamese_model.keras": model, "embedding_network.keras": base_network}
-        settings = dict(backend=keras.backend.backend(), processes=placement.process_count)
-        settings.update(network=args.network, intra_op_threads=intra_op_threads)
-        settings.update(steps_per_execution=steps)
-        settings.update(margin=args.margin, seed=args.seed, training_pairs=len(tr_pairs))
-        settings.update(test_pairs=len(te_pairs), dry_run=args.dry_run)
+        settings = {name: getattr(args, name) for name in command_line.MNIST_RUN_SETTINGS}
+        settings.update(backend=keras.backend.backend(), processes=placement.process_count)
+        settings.update(training_pairs=len(tr_pairs), test_pairs=len(te_pairs))
         if run.finish(models, metrics, settings):
             print(f"Saved models, history, metrics and plots in {output_dir}")
             print(f"* Accuracy on training set: {100 * tr_acc:0.2f}%")

@@ -366,15 +366,17 @@ def build_siamese_network(embedding):
 # --- Putting everything together ----------------------------------------------------------
 
 
-def stored_datasets(embedding, files, val_negatives, image_size, batch_size, options):
+def stored_datasets(embedding, train_pairs, validation, image_size, batch_size, options):
     """Training and validation datasets of images or features stored once (`stores`).
 
     The example decodes every triplet's images in every epoch and runs all of ResNet50 at
     every step. Here each image is decoded once and, with `cache_features`, runs through the
-    frozen trunk once; the trainable tail (`network`) trains on the stored features. `files`:
-    training, validation images (anchors first); `options`: `(cache_features, cache_folder,
-    seed, share)` (`Placement.share`). Returns network, datasets, val_store, seconds_caching."""
+    frozen trunk once; the trainable tail (`network`) trains on the stored features. Pairs are
+    `(anchors, positives)`, `validation` has its negatives too; `options`: `(cache_features,
+    cache_folder, seed, share)`. Returns network, datasets, val_store, seconds_caching."""
     cache_features, cache_folder, seed, share = options
+    val_anchors, val_positives, val_negatives = validation
+    files = (train_pairs[0] + train_pairs[1], val_anchors + val_positives)
     trunk, network = None, embedding
     if cache_features:
         trunk, network = stores.split_at_layer(embedding, "resnet50", first_trainable_layer)
@@ -561,10 +563,9 @@ def main(argv=None):
         # The embedding model and the Siamese network, trained on stored images or features.
         with placement.scope():  # the weights of every device, process and replica
             embedding = build_embedding_network(image_size, args.weights)
-        files = (train_anchors + train_positives, val_anchors + val_positives)
         options = (args.cache_features, run.cache_folder(), args.seed, placement.share)
         network, train_dataset, val_dataset, val_store, seconds_caching = stored_datasets(
-            embedding, files, val_negatives, image_size, batch_size, options
+            embedding, (train_anchors, train_positives), validation, image_size, batch_size, options
         )
         before = evaluate_embeddings(network, val_store, val_negatives, batch_size)
         with placement.scope():
@@ -581,15 +582,10 @@ def main(argv=None):
             print_similarities(val_anchors, after)
 
         # The port's extras: similarities, plots, the model, history and metrics.json, last.
-        run.write_csv(evaluation.similarity_rows(*validation, data_dir, after), "similarities.csv")
-        if run.writes_outputs and not args.no_plots:
-            load_image = functools.partial(preprocess_image, image_size=image_size)
-            figures = (before, after, val_anchors, val_positives, load_image)
-            plots.plot_triplet_run(output_dir, run.history(), *figures)
-        metrics = evaluation.triplet_run_metrics(run.history(), before, after, seconds_caching)
-        metrics.update(training_pairs=len(train_anchors), validation_pairs=len(val_anchors))
-        metrics["skipped_pairs"] = skipped
-        if run.finish({"embedding.keras": embedding}, metrics, settings):
+        load_image = functools.partial(preprocess_image, image_size=image_size)
+        results = (before, after, seconds_caching, len(train_anchors), skipped)
+        extras = (validation, data_dir, results, None if args.no_plots else load_image)
+        if evaluation.save_triplet_run(run, embedding, settings, *extras):
             print(f"Saved the embedding model, history, metrics and plots in {output_dir}")
             print(evaluation.summary_lines(before, after))
     return 0

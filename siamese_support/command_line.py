@@ -32,6 +32,9 @@ TRIPLET_RESUMED_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate
 TRIPLET_RESUMED_SETTINGS += ("negatives", "cache_features", "mixed_precision")
 TRIPLET_RUN_SETTINGS = TRIPLET_RESUMED_SETTINGS + ("seed", "jit_compile", "replicas", "dry_run")
 TRIPLET_RUN_SETTINGS += ("steps_per_execution",)
+# What an MNIST run's metrics.json records of its command line (after the script's choices).
+MNIST_RUN_SETTINGS = ("network", "intra_op_threads", "steps_per_execution", "margin", "seed")
+MNIST_RUN_SETTINGS += ("dry_run",)
 
 
 class DownloadError(RuntimeError):

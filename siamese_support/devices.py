@@ -198,9 +198,9 @@ def keeps_data_on_device(nbytes, device_count=1):
 
     Only under JAX, on one device (`DataParallel` shards host batches over several), and on
     an accelerator whose free memory holds them (`device_share_for_data`). Each batch is
-    then a gather on the device, not a gather in NumPy and a copy from the host: a few
-    microseconds of dispatch instead of a copy per step. A CPU's "device" is the host's
-    memory: the NumPy batches stay, and a copy of the data would only add to the memory.
+    then one compiled gather on the device, not a gather in NumPy and a copy from the host.
+    A CPU's "device" is the host's memory: there the NumPy batches stay (measured quicker),
+    and a copy of the data would only add to the memory.
     """
     if keras_backend() != "jax" or device_count > 1:
         return False
@@ -218,11 +218,11 @@ def choose_steps_per_execution(requested, default, examples, batch_size, placeme
     """Training steps per call into the compiled loop (`compile(steps_per_execution=...)`).
 
     An epoch is `examples` in batches of `batch_size`. `requested` (`--steps-per-execution`)
-    None: `default`, at most an epoch's steps; a
-    `default` pair is `(on a CPU, on an accelerator)` (`accelerator_visible`). Keras
-    runs one step per call under PyTorch and under `tf.distribute.MirroredStrategy`
-    (`steps_per_call`): there it is 1. A requested number above an epoch's steps, or above
-    1 where Keras cannot run it, is a `ValueError`. `placement` is `choose_placement`'s.
+    None gives `default`, at most an epoch's steps; a `default` pair is `(on a CPU, on an
+    accelerator)` (`accelerator_visible`). Keras runs one step per call under PyTorch and
+    under `tf.distribute.MirroredStrategy` (`steps_per_call`): there it is 1. A requested
+    number above an epoch's steps, or above 1 where Keras cannot run it, is a `ValueError`.
+    `placement` is `choose_placement`'s.
     """
     steps_per_epoch = -(-examples // batch_size)
     with placement.scope():

@@ -190,6 +190,28 @@ def triplet_run_metrics(history, before, after, seconds_caching):
     return {**metrics, "seconds_caching": seconds_caching}
 
 
+def save_triplet_run(run, embedding, settings, validation, data_dir, results, load_image=None):
+    """Write what a triplet run adds to the example, then finish the run (`Run.finish`).
+
+    `similarities.csv`, the plots (none when `load_image`, the images' loader, is None), the
+    model, `history.csv` and, last, `metrics.json`. `validation` is the validation anchors,
+    positives and negatives (`choose_negatives`' indices); `results` is `(before, after,
+    seconds_caching, training pairs, skipped pairs)`. Returns whether this process wrote them.
+    """
+    before, after, seconds_caching, training_pairs, skipped = results
+    anchors, positives, _ = validation
+    run.write_csv(similarity_rows(*validation, data_dir, after), "similarities.csv")
+    if run.writes_outputs and load_image is not None:
+        from siamese_support import plots  # Matplotlib, only where a run draws
+
+        figures = (before, after, anchors, positives, load_image)
+        plots.plot_triplet_run(run.output_dir, run.history(), *figures)
+    metrics = triplet_run_metrics(run.history(), before, after, seconds_caching)
+    metrics.update(training_pairs=training_pairs, validation_pairs=len(anchors))
+    metrics["skipped_pairs"] = skipped
+    return run.finish({"embedding.keras": embedding}, metrics, settings)
+
+
 def summary_lines(before, after):
     """The last lines a triplet run prints: triplet accuracy and recall@1, before and after."""
     return (
