@@ -94,6 +94,24 @@ def interrupt_behind(error):
     return None
 
 
+def process_lost_behind(interrupt):
+    """The `ProcessLost` that a plain Ctrl-C or SIGTERM arrived while reporting, or None.
+
+    When a process of a multi-process run dies, the launcher stops the others with SIGTERM
+    at once; one that has found the loss itself may get the signal while its report is on
+    its way out (its run folder released), and that report says more: what happened and
+    that `--resume` goes on. An interrupt with a message of its own has said that already.
+    """
+    if interrupt is None or str(interrupt):
+        return None
+    error, seen = interrupt.__context__, 0
+    while error is not None and seen < 20:
+        if isinstance(error, ProcessLost):
+            return error
+        error, seen = error.__context__, seen + 1
+    return None
+
+
 def _raise_terminated(signum, frame):
     raise Terminated
 
@@ -118,6 +136,9 @@ def one_line_errors(prog, interrupted="interrupted"):
         yield status
     except (KeyboardInterrupt, Exception) as error:
         interrupt = interrupt_behind(error)
+        lost = process_lost_behind(interrupt)
+        if lost is not None:  # the signal came while the loss of a process was reported
+            error, interrupt = lost, None
         if interrupt is not None:
             terminated = isinstance(interrupt, Terminated)
             default = "terminated" if terminated else interrupted

@@ -335,3 +335,24 @@ def test_an_error_raised_while_handling_ctrl_c_counts_as_ctrl_c(tmp_path, capsys
     # Any other error is not swallowed.
     with pytest.raises(RuntimeError), command_line.one_line_errors("prog"):
         raise RuntimeError("a bug")
+
+
+def test_sigterm_while_a_lost_process_is_reported_keeps_that_report(capsys):
+    # The launcher stops the other processes with SIGTERM as soon as one dies; a process that
+    # found the loss itself may get the signal while its report leaves the run folder.
+    lost = "stopped: another process of this run stopped (UNKNOWN: Gloo); start every process"
+    with command_line.one_line_errors("prog") as status:
+        try:
+            raise command_line.ProcessLost(lost + " again with --resume to continue")
+        finally:
+            raise command_line.Terminated  # no message: raised outside the run folder
+    assert status.code == 1
+    assert capsys.readouterr().err == f"prog: {lost} again with --resume to continue\n"
+    # A signal whose message says where the run stands keeps its own report.
+    with command_line.one_line_errors("prog") as status:
+        try:
+            raise command_line.ProcessLost(lost)
+        finally:
+            raise command_line.Terminated("terminated: finished epochs are backed up")
+    assert status.code == 143
+    assert capsys.readouterr().err == "prog: terminated: finished epochs are backed up\n"
