@@ -350,7 +350,8 @@ def main(argv=None):
         metrics.update(evaluation.pair_metrics(tr_y, tr_distances, te_y, te_distances))
         if run.writes_outputs and not args.no_plots:
             figures = (x_test, te_pairs, te_y, te_distances, metrics["best_threshold"])
-            plots.plot_mnist_run(output_dir, run.history(), *figures)
+            embedding_map = (evaluation.embed_digits(base_network, x_test), y_test)
+            plots.plot_mnist_run(output_dir, run.history(), *figures, *embedding_map)
         models = {"siamese_model.keras": model, "embedding_network.keras": base_network}
         settings = {name: getattr(args, name) for name in command_line.MNIST_RUN_SETTINGS}
         settings.update(backend=keras.backend.backend(), processes=placement.process_count)

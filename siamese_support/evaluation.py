@@ -77,6 +77,19 @@ def pair_metrics(train_labels, train_distances, test_labels, test_distances):
     }
 
 
+def embed_digits(embed, images, batch_size=1024):
+    """The embeddings of uint8 `images`, as one NumPy array: calls of `embed` (a Keras model,
+    dropout off) on slices of `4 * batch_size` images scaled to [0, 1]."""
+    from keras import ops
+
+    step = batch_size * 4
+    embeddings = []
+    for start in range(0, len(images), step):
+        batch = ops.cast(images[start : start + step], "float32") / 255.0
+        embeddings.append(ops.convert_to_numpy(embed(batch)))
+    return np.concatenate(embeddings)
+
+
 def embedded_pair_distances(embed, distance, images, pairs, batch_size=1024):
     """`distance` between the embeddings of each index pair of uint8 `images`, as a 1-D array.
 
@@ -87,12 +100,7 @@ def embedded_pair_distances(embed, distance, images, pairs, batch_size=1024):
     """
     from keras import ops
 
-    step = batch_size * 4
-    embeddings = []
-    for start in range(0, len(images), step):
-        batch = ops.cast(images[start : start + step], "float32") / 255.0
-        embeddings.append(ops.convert_to_numpy(embed(batch)))
-    embeddings = np.concatenate(embeddings)
+    embeddings = embed_digits(embed, images, batch_size)
     distances = []
     for start in range(0, len(pairs), batch_size * 16):
         chunk = pairs[start : start + batch_size * 16]
@@ -168,6 +176,7 @@ def evaluate_triplets(anchors, positives, negative_indices):
         "positive_similarities": cosine_similarities(anchors, positives),
         "negative_similarities": cosine_similarities(anchors, negatives),
         "distance_matrix": distance_matrix,
+        "embeddings": np.concatenate([anchors, positives]),
     }
 
 
@@ -194,7 +203,8 @@ def save_triplet_run(run, embedding, settings, validation, data_dir, results, lo
     """Write what a triplet run adds to the example, then finish the run (`Run.finish`).
 
     `similarities.csv`, the plots (none when `load_image`, the images' loader, is None), the
-    model, `history.csv` and, last, `metrics.json`. `validation` is the validation anchors,
+    projector's files in `logs/validation/` (thumbnails only with `load_image`), the model,
+    `history.csv` and, last, `metrics.json`. `validation` is the validation anchors,
     positives and negatives (`choose_negatives`' indices); `results` is `(before, after,
     seconds_caching, training pairs, skipped pairs)`. Returns whether this process wrote them.
     """
@@ -206,6 +216,11 @@ def save_triplet_run(run, embedding, settings, validation, data_dir, results, lo
 
         figures = (before, after, anchors, positives, load_image)
         plots.plot_triplet_run(run.output_dir, run.history(), *figures)
+    if run.writes_outputs:  # the validation embeddings for TensorBoard's projector
+        from siamese_support import projector
+
+        embedded = (after["embeddings"], anchors, positives, load_image)
+        projector.write_projector_files(run.output_dir / "logs" / "validation", *embedded)
     metrics = triplet_run_metrics(run.history(), before, after, seconds_caching)
     metrics.update(training_pairs=training_pairs, validation_pairs=len(anchors))
     metrics["skipped_pairs"] = skipped

@@ -222,11 +222,61 @@ def plot_retrieval_examples(
     save_figure(figure, path, dpi=90)
 
 
-def plot_mnist_run(output_dir, history_rows, images, pairs, labels, distances, threshold):
-    """The three figures of a `mnist_siamese.py` run, written into `output_dir`."""
+def principal_plane(embeddings):
+    """`embeddings` (one row each) projected on their two directions of largest variance.
+
+    Principal component analysis in NumPy, from the covariance matrix (its size is the
+    embedding's, 128 for MNIST), so it costs milliseconds. A linear projection keeps what
+    the distances mean: what is far apart on the map is far apart in the embedding. Returns
+    the 2-D points and the fraction of the variance they keep.
+    """
+    centred = np.asarray(embeddings, np.float64)
+    centred = centred - centred.mean(axis=0)
+    variances, directions = np.linalg.eigh(centred.T @ centred)  # ascending order
+    kept = variances[::-1][:2].sum() / max(variances.sum(), 1e-300)
+    return centred @ directions[:, ::-1][:, :2], float(kept)
+
+
+def plot_embedding_map(embeddings, digits, path):
+    """The test embeddings on their principal plane, one colour per digit, with a legend.
+
+    Hadsell, Chopra and LeCun (2006) show what their network learned as such a map. Points
+    are small and half transparent, so that dense clusters show as dense.
+    """
+    points, kept = principal_plane(embeddings)
+    digits = np.asarray(digits).ravel()
+    figure, axis = pyplot().subplots(figsize=(7.5, 6.5))
+    colours = pyplot().get_cmap("tab10")
+    for digit in range(10):
+        chosen = digits == digit
+        axis.scatter(*points[chosen].T, s=3, alpha=0.5, color=colours(digit), label=str(digit))
+    legend = axis.legend(title="digit", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    for handle in legend.legend_handles:  # the key's dots larger and opaque, to be read
+        handle.set_sizes([30])
+        handle.set_alpha(1.0)
+    axis.set_xlabel("first principal component")
+    axis.set_ylabel("second principal component")
+    axis.set_title(
+        f"Test embeddings of {len(digits):,} digits, projected to two dimensions "
+        f"(they keep {kept:.0%} of the variance)",
+        fontsize=10,
+    )
+    figure.subplots_adjust(left=0.1, right=0.86, bottom=0.09, top=0.93)
+    save_figure(figure, path)
+
+
+def plot_mnist_run(
+    output_dir, history_rows, images, pairs, labels, distances, threshold, embeddings, digits
+):
+    """The four figures of a `mnist_siamese.py` run, written into `output_dir`.
+
+    `embeddings` and `digits` are the embeddings of `images` (the test digits) and their
+    labels, for the embedding map.
+    """
     plot_training_curves(history_rows, output_dir / "training_curves.png")
     plot_distance_histogram(labels, distances, threshold, output_dir / "distance_histogram.png")
     plot_pair_grid(images, pairs, labels, distances, output_dir / "pairs.png")
+    plot_embedding_map(embeddings, digits, output_dir / "embedding_map.png")
 
 
 def plot_triplet_run(

@@ -187,13 +187,19 @@ def check_not_finished(output_dir, epochs):
     )
 
 
+# The files of TensorBoard's projector that a triplet run writes into `logs/validation/`.
+PROJECTOR_FILES = ("projector_config.pbtxt", "embeddings.tsv", "metadata.tsv", "sprite.png")
+
+
 def remove_tensorboard_logs(output_dir):
     """Remove the TensorBoard logs of `output_dir` (`logs/`): its event files, nothing else.
 
-    The event files of `logs/`, `logs/train/` and `logs/validation/` go, then those folders
-    if nothing else is left in them.
+    The event files of `logs/`, `logs/train/` and `logs/validation/` go, and the projector's
+    files in `logs/validation/`, then those folders if nothing else is left in them.
     """
     logs = pathlib.Path(output_dir) / "logs"
+    for name in PROJECTOR_FILES:  # the triplet run's embeddings for the projector
+        (logs / "validation" / name).unlink(missing_ok=True)
     for folder in (logs / "train", logs / "validation", logs):
         for events in folder.glob("events.out.tfevents.*"):
             events.unlink(missing_ok=True)

@@ -99,12 +99,13 @@ def test_dry_run_writes_its_files(dry_run):
         "training_curves.png",
         "distance_histogram.png",
         "pairs.png",
+        "embedding_map.png",
     }
     assert expected <= names, names
     assert not [name for name in names if name.startswith(".tmp-")], names
     assert "backup" not in names  # the finished run's training backup is cleaned up
     assert sorted(path.name for path in cwd.iterdir()) == ["runs"]  # nothing outside
-    for name in ("training_curves.png", "distance_histogram.png", "pairs.png"):
+    for name in ("training_curves.png", "distance_histogram.png", "pairs.png", "embedding_map.png"):
         content = (output_dir / name).read_bytes()
         assert content.startswith(PNG_SIGNATURE), name
         assert content.rstrip().endswith(b"IEND\xaeB`\x82"), name  # complete, not truncated

@@ -325,7 +325,9 @@ def test_one_epoch_runs_write_every_figure(tmp_path):
     pairs = np.arange(8).reshape(4, 2)
     labels = np.array([1, 0, 1, 0], np.float32)
     distances = np.array([0.2, 0.9, 0.7, 0.3])
-    plots.plot_mnist_run(tmp_path, _history(1), images, pairs, labels, distances, 0.5)
+    embeddings, digits = rng.normal(size=(8, 4)), np.arange(8) % 10
+    figures = (images, pairs, labels, distances, 0.5, embeddings, digits)
+    plots.plot_mnist_run(tmp_path, _history(1), *figures)
     history = [{"epoch": "0", "loss": "0.8", "val_loss": "0.6"}]
     evaluation = _evaluation(rng, 0) | {"distance_matrix": np.eye(3) * -1.0 + 1.0}
     names = ["a.jpg", "b.jpg", "c.jpg"]
@@ -336,6 +338,7 @@ def test_one_epoch_runs_write_every_figure(tmp_path):
     assert written == [
         "distance_histogram.png",
         "distances.png",
+        "embedding_map.png",
         "loss.png",
         "pairs.png",
         "retrieval.png",

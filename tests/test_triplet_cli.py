@@ -73,6 +73,11 @@ def test_dry_run_writes_every_output(dry_run):
     # The TensorBoard logs of the epoch (requirements.txt installs tensorboard).
     for side in ("train", "validation"):
         assert len(list((output_dir / "logs" / side).glob("events.out.tfevents.*"))) == 1, side
+    # Beside the validation curves, TensorBoard's projector files: 10 validation pairs.
+    projector_files = output_dir / "logs" / "validation"
+    for name in ("projector_config.pbtxt", "metadata.tsv", "sprite.png"):
+        assert (projector_files / name).is_file(), name
+    assert np.loadtxt(projector_files / "embeddings.tsv", delimiter="\t").shape == (20, 256)
     for name in expected:
         if name.endswith(".png"):
             content = (output_dir / name).read_bytes()
