@@ -13,6 +13,8 @@ tutorial. The scripts import it; it never imports a script. Modules:
   verbosity to match. Imports nothing heavy (Keras only inside its functions).
 - `run_folder`: the output folder (one run at a time), atomic writes, the per-epoch backup,
   resuming, and failures (Ctrl-C, SIGTERM, a full disk) explained in one line.
+- `resumed_draws`: a resumed run's random draws (each epoch's orders and negatives, the
+  Dropout masks' seed state) as an uninterrupted run's.
 - `evaluation`: accuracy at the best threshold, ROC AUC, recall@k, similarities (NumPy).
 - `plots`: the PNG figures each run writes.
 - `mnist_data`: MNIST from Keras's download, a `mnist.npz` file or the IDX files, checked.
@@ -33,6 +35,7 @@ tutorial. The scripts import it; it never imports a script. Modules:
 `command_line` imports nothing heavy, so that the command line answers before TensorFlow's
 import. `devices`, `pipelines`, `stores`, `image_folders` and `gallery` import TensorFlow only
 inside the functions of its path, so that both scripts run where it is not installed;
-`mining`, `stores` and `gallery` import Keras; `pillow_images`, `synthetic`, `real_pairs` and
-`trained_model` import Pillow (and `trained_model` Keras) inside the functions that need them.
+`mining`, `stores`, `resumed_draws` and `gallery` import Keras; `pillow_images`,
+`synthetic`, `real_pairs` and `trained_model` import Pillow (and `trained_model` Keras)
+inside the functions that need them.
 """

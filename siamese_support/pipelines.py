@@ -4,17 +4,116 @@ The tutorials fit on arrays (MNIST) or on a `tf.data` pipeline of file names (tr
 ports gather rows by index instead (see the scripts); the generic parts of that, which say
 nothing about Siamese networks, live here. TensorFlow is imported only by the functions
 that build `tf.data` pipelines: `PairBatches` and `TripletBatches` need only NumPy and Keras.
+
+Every dataset here that draws anew on each pass (an order, negatives) draws from its seed and
+the pass's number alone, and `tell_epoch` sets that number from the epoch `fit` is in: a run
+resumed at epoch k reads what an uninterrupted run read in its epoch k.
 """
 
 import functools
+import threading
+import weakref
 
 import keras
 import numpy as np
 
 from siamese_support.devices import keeps_data_on_device, without_autotuning
 
-__all__ = ["PairBatches", "TripletBatches", "pair_dataset", "shuffled_index_batches"]
-__all__ += ["without_autotuning"]
+__all__ = ["PairBatches", "RedrawnPasses", "TripletBatches", "pair_dataset", "tell_epoch"]
+__all__ += ["shuffled_index_batches", "without_autotuning"]
+
+# The datasets made here that draw anew on each pass, for `tell_epoch` (weak references: a
+# dataset no longer used is not kept for this).
+_drawing_datasets = weakref.WeakSet()
+
+
+def tell_epoch(epoch, strategy=False):
+    """Make every dataset made here that draws anew on each pass read `fit`'s epoch `epoch`.
+
+    A dataset's draws are a function of its seed and of a pass's number. The numbers given
+    are the ones Keras 3.15's `fit` gave epoch e of an uninterrupted run: pass e + 1 of a
+    `PyDataset` (`fit` ends a pass, `on_epoch_end`, before the first epoch), pass 2e of a
+    `tf.data` pipeline (`fit` makes one more iterator at each epoch's end, unread, and that
+    draws too), 2e + 1 under a `tf.distribute` `strategy` (`fit` first reads one batch to
+    build the model). So uninterrupted runs keep the figures they had, and a resumed run,
+    whose `fit` starts at a later epoch, goes on with the draws of the run it resumes.
+    """
+    for dataset in list(_drawing_datasets):
+        dataset.use_epoch(epoch, strategy)
+
+
+class RedrawnPasses:
+    """Pass number p of a finite `tf.data` dataset that draws anew on each pass, on demand.
+
+    Such a dataset (`shuffle(..., reshuffle_each_iteration=True)`, `Dataset.random(...,
+    rerandomize_each_iteration=True)`) draws its k-th order when its k-th iterator is made,
+    read or not: what a pass reads depends on how many iterators were made before it. Here
+    pass p is drawn by making (and dropping) an iterator for each pass before it not drawn
+    yet, then reading pass p whole; the passes read are kept, so pass p is the same whenever
+    it is asked for. `source` must be read through this object alone.
+
+    `dataset()` is the pipeline to read: its passes read pass `passes` of `source`, which
+    then goes up by one, as `PairBatches` counts its passes; `use_epoch` sets it.
+    """
+
+    def __init__(self, source):
+        self.count = int(source.cardinality())
+        if self.count < 1:
+            raise ValueError("RedrawnPasses needs a finite dataset with at least one element")
+        self.source = source
+        self.passes = 0  # the pass that the pipeline's next pass reads
+        self.drawn = 0  # the iterators made of `source` so far: the passes it drew
+        self.kept = {}
+        self.lock = threading.RLock()  # the pipeline asks for passes from tf.data's threads
+        _drawing_datasets.add(self)
+
+    def read_pass(self, number):
+        """Pass `number` of `source`, whole: its elements stacked, as NumPy arrays."""
+        import tensorflow as tf
+
+        with self.lock:
+            if number not in self.kept:
+                if number < self.drawn:
+                    raise ValueError(f"pass {number} was drawn and skipped, never read")
+                for _ in range(number - self.drawn):
+                    iter(self.source)  # made, not read: it draws its pass
+                whole = next(iter(self.source.batch(self.count)))
+                self.kept[number] = tf.nest.map_structure(np.asarray, whole)
+                self.drawn = number + 1
+            return self.kept[number]
+
+    def use_epoch(self, epoch, strategy=False):
+        """Read the pass of `fit`'s epoch `epoch` next (see `tell_epoch`)."""
+        number = 2 * epoch + int(strategy)
+        with self.lock:
+            self.passes = number
+            if number >= self.drawn:  # drawn here rather than in tf.data's thread
+                self.read_pass(number)
+
+    def _next_pass(self):
+        with self.lock:
+            number = self.passes
+            self.passes += 1
+            return self.read_pass(number)
+
+    def dataset(self):
+        """A `tf.data` pipeline of `source`'s elements, each pass those of one numbered pass."""
+        import tensorflow as tf
+
+        specs = tf.nest.flatten(self.source.element_spec)
+
+        def read(_):
+            arrays = tf.py_function(
+                lambda: tf.nest.flatten(self._next_pass()), [], [spec.dtype for spec in specs]
+            )
+            arrays = [
+                tf.ensure_shape(array, tf.TensorShape([None]).concatenate(spec.shape))
+                for array, spec in zip(arrays, specs, strict=True)
+            ]
+            return tf.nest.pack_sequence_as(self.source.element_spec, arrays)
+
+        passes = tf.data.Dataset.range(1).map(read).unbatch()
+        return passes.apply(tf.data.experimental.assert_cardinality(self.count))
 
 
 def shuffled_index_batches(count, batch_size, seed):
@@ -33,8 +132,10 @@ def shuffled_index_batches(count, batch_size, seed):
     def batched(order):
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
-    # Dataset.random draws a new value on each pass, so each epoch gets its own order.
+    # Dataset.random draws a new value on each pass, so each epoch gets its own order; which
+    # pass's value is chosen by its number (`RedrawnPasses`, `tell_epoch`).
     pass_values = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+    pass_values = RedrawnPasses(pass_values).dataset()
     orders = pass_values.map(permutation, num_parallel_calls=tf.data.AUTOTUNE)
     # The length is stated because a pipeline built with flat_map has none that Keras can
     # read, and without one Keras warns at the end of every epoch.
@@ -116,7 +217,7 @@ class PairBatches(keras.utils.PyDataset):
     The input pipeline of the MNIST script under JAX and PyTorch, with the `tf.data`
     pipeline's rules: uint8 `images` scaled to [0, 1] batch by batch, `batch_size` pairs a
     batch, the last one short, and with `seed` a new order of the pairs every epoch (one
-    permutation per pass, drawn from the seed and the pass's number).
+    permutation per pass, drawn from the seed and the pass's number; `use_epoch` sets it).
 
     Spread over `device_count` devices (Keras's `DataParallel`), in `process_count`
     processes, each process feeds its share of every global batch: the `process_index`-th
@@ -160,6 +261,13 @@ class PairBatches(keras.utils.PyDataset):
             self.images, self.pairs, self.labels = to_device((self.images, self.pairs, self.labels))
         self.passes = 0
         self.order = self._order()
+        if seed is not None:
+            _drawing_datasets.add(self)
+
+    def use_epoch(self, epoch, strategy=False):
+        """Read the pass of `fit`'s epoch `epoch` next (see `tell_epoch`)."""
+        self.passes = epoch + 1
+        self.order = self._order()
 
     def _order(self):
         if self.seed is None:
@@ -202,8 +310,9 @@ class TripletBatches(keras.utils.PyDataset):
     """`((anchor, positive, negative),)` batches of rows of a store, with NumPy alone.
 
     The triplet script's input under JAX and PyTorch, with its `tf.data` pipeline's rules:
-    `triplets(epoch)` returns the epoch's anchor, positive and negative row indices (three
-    arrays, in the order they are read), `batch_size` triplets a batch, the last one short.
+    `triplets(number)` returns a pass's anchor, positive and negative row indices (three
+    arrays, in the order they are read; `use_epoch` sets the pass's number), `batch_size`
+    triplets a batch, the last one short.
     The triplet is the batch's only element, the model's input, as Keras's own training step
     reads a batch: `(x,)`.
 
@@ -240,8 +349,14 @@ class TripletBatches(keras.utils.PyDataset):
         self.store, self.triplets, self.batch_size = store, triplets, batch_size
         self.process_index, self.process_count = process_index, process_count
         self.device_count, self.pad = device_count, pad
-        self.epoch = 0
-        self.indices = np.stack(triplets(self.epoch))
+        self.passes = 0
+        self.indices = np.stack(triplets(self.passes))
+        _drawing_datasets.add(self)
+
+    def use_epoch(self, epoch, strategy=False):
+        """Read the pass of `fit`'s epoch `epoch` next (see `tell_epoch`)."""
+        self.passes = epoch + 1
+        self.indices = np.stack(self.triplets(self.passes))
 
     def __len__(self):
         count = self.indices.shape[1]
@@ -271,5 +386,5 @@ class TripletBatches(keras.utils.PyDataset):
         return (triplet,) if weights is None else (triplet, None, weights)
 
     def on_epoch_end(self):
-        self.epoch += 1
-        self.indices = np.stack(self.triplets(self.epoch))
+        self.passes += 1
+        self.indices = np.stack(self.triplets(self.passes))

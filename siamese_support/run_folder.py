@@ -22,7 +22,7 @@ import filelock
 import keras
 import numpy as np
 
-from siamese_support import command_line, devices
+from siamese_support import command_line, devices, resumed_draws
 
 
 @contextlib.contextmanager
@@ -331,6 +331,8 @@ class InterruptSafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         self._check_free_space()
         with ctrl_c_deferred():
+            # The layers' random state, which the weights leave out (`resumed_draws`).
+            resumed_draws.save_seed_states(self.model, self.backup_dir, epoch)
             super().on_epoch_end(epoch, logs)
 
     def _check_free_space(self):
@@ -415,15 +417,16 @@ _said_tensorboard_missing = []
 def training_callbacks(output_dir, logs=True):
     """Log the epoch's row and TensorBoard points, then back up the training state; time epochs.
 
-    Returns `[logger, tensorboard, backup, timer]`. The row and the points come first: if a
-    run dies before the backup, the resumed run repeats that epoch and logs it again, and
+    Returns `[logger, tensorboard, backup, draws, timer]`. The row and the points come first:
+    if a run dies before the backup, the resumed run repeats that epoch and logs it again, and
     `final_history` keeps the later row (the other order would lose the row of an epoch the
     backup already counts as done). The backup is kept when training ends and removed by
     `finish_run` once every output is written, so a crash while saving resumes at the last
     epoch. The TensorBoard logs go to `logs/` (`train/` and `validation/`; a resumed run adds
     to them), unless `logs` is false (a multi-process run's other processes) or TensorFlow
     and TensorBoard, which write them, are not both installed (`tensorboard_available`):
-    then there is no `tensorboard`.
+    then there is no `tensorboard`. `draws` gives each epoch, resumed or not, the random draws
+    of an uninterrupted run (`resumed_draws.ResumedDraws`).
     """
     output_dir = pathlib.Path(output_dir)
     callbacks = [
@@ -438,6 +441,7 @@ def training_callbacks(output_dir, logs=True):
             double_checkpoint=True,
             delete_checkpoint=False,
         ),
+        resumed_draws.ResumedDraws(output_dir / "backup"),
         EpochTimer(),
     ]
 

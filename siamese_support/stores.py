@@ -333,10 +333,12 @@ def make_store_dataset(store, triplet_indices, batch_size, share=(0, 1, 1)):
 
     The triplet is the batch's one element, its inputs, as Keras's steps read a batch
     (`(x,)`: no targets, no sample weights). `triplet_indices` is a `tf.data` dataset of
-    index triplets under TensorFlow. Under JAX and PyTorch it is three arrays (fixed
-    triplets: validation) or a function of the epoch's number that returns them (training),
-    and the batches are a `pipelines.TripletBatches`, of which this process feeds `share`
-    (`devices.Placement.share`); fixed triplets are padded, never cut, to split over devices.
+    index triplets under TensorFlow; a finite one is read a pass by number (`pipelines.
+    RedrawnPasses`), so that a resumed run goes on with the draws of a reshuffling one. Under
+    JAX and PyTorch it is three arrays (fixed triplets: validation) or a function of a pass's
+    number that returns them (training), and the batches are a `pipelines.TripletBatches`, of
+    which this process feeds `share` (`devices.Placement.share`); fixed triplets are padded,
+    never cut, to split over devices.
     """
     if keras_backend() != "tensorflow":
         from siamese_support.pipelines import TripletBatches
@@ -347,6 +349,10 @@ def make_store_dataset(store, triplet_indices, batch_size, share=(0, 1, 1)):
         return TripletBatches(store, fixed, batch_size, *share, pad=True)
     import tensorflow as tf
 
+    from siamese_support.pipelines import RedrawnPasses
+
+    if int(triplet_indices.cardinality()) > 0:  # not `repeat()`ed (benchmarks)
+        triplet_indices = RedrawnPasses(triplet_indices).dataset()
     dataset = triplet_indices.batch(batch_size, drop_remainder=False)
     dataset = dataset.map(
         lambda anchor, positive, negative: (

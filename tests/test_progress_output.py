@@ -278,10 +278,17 @@ def test_overwrite_removes_only_the_event_files_and_resume_keeps_them(tmp_path):
 def test_training_callbacks_write_logs_unless_told_not_to(tmp_path):
     pytest.importorskip("tensorboard")
     names = [type(callback).__name__ for callback in run_folder.training_callbacks(tmp_path)]
-    assert names == ["CSVLogger", "TensorBoardLogs", "InterruptSafeBackupAndRestore", "EpochTimer"]
+    assert names == [
+        "CSVLogger",
+        "TensorBoardLogs",
+        "InterruptSafeBackupAndRestore",
+        "ResumedDraws",
+        "EpochTimer",
+    ]
     quiet = run_folder.training_callbacks(tmp_path, logs=False)
     assert [type(callback).__name__ for callback in quiet] == [
         "CSVLogger",
         "InterruptSafeBackupAndRestore",
+        "ResumedDraws",
         "EpochTimer",
     ]
