@@ -5,6 +5,7 @@ answer before Keras imports TensorFlow (about 5 s): a script reads its command l
 then imports Keras. The defaults are the tutorials' and come from the scripts.
 """
 
+import _thread
 import argparse
 import atexit
 import contextlib
@@ -172,7 +173,8 @@ def quiet_interrupts_outside_main(module_name, prog):
     handler exits at once (`os._exit`): unwinding an import stopped half-way can print more
     errors or hang. It writes to a copy of stderr, since the quiet start silences stderr.
     Only for a script run from the shell (`module_name == "__main__"`), where Ctrl-C is not
-    ignored; `reports_errors` restores Python's handling while `main` runs.
+    ignored; `reports_errors` restores Python's handling while `main` runs. For the whole
+    process, an interrupt that Python drops is signalled again (`_deliver_lost_interrupt`).
     """
     in_main_thread = threading.current_thread() is threading.main_thread()
     if module_name != "__main__" or not in_main_thread:
@@ -185,6 +187,31 @@ def quiet_interrupts_outside_main(module_name, prog):
     # past it Python resets the handler to the default, and Ctrl-C would kill the process
     # by the signal while TensorFlow's C++ objects are destroyed (half a second); ignored.
     atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    sys.unraisablehook = functools.partial(_deliver_lost_interrupt, sys.unraisablehook)
+
+
+def _deliver_lost_interrupt(previous_hook, unraisable):
+    """`sys.unraisablehook`: a Ctrl-C or SIGTERM that Python had to drop is signalled again.
+
+    Python cannot raise out of a garbage collector's callback (JAX registers one) or a
+    `__del__`: an interrupt raised there is printed as "Exception ignored" and lost, and the
+    process goes on, into a multi-process run's join, to wait for processes that stopped
+    (seen after a launcher's Ctrl-C in the first seconds). Signalled to the main thread
+    again a moment later, from another thread (from here, it would land in this hook), it
+    reaches ordinary code. Other errors go to `previous_hook`.
+    """
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        terminated = isinstance(unraisable.exc_value, Terminated)
+        signum = signal.SIGTERM if terminated else signal.SIGINT
+        if hasattr(signal, "pthread_kill"):  # wakes a main thread that waits in a system call
+            main_thread = threading.main_thread().ident
+            again = threading.Timer(0.05, signal.pthread_kill, args=(main_thread, signum))
+        else:
+            again = threading.Timer(0.05, _thread.interrupt_main, args=(signum,))
+        again.daemon = True
+        again.start()
+        return
+    previous_hook(unraisable)
 
 
 def _exit_at_once(signum, frame):

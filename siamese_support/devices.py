@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import platform
 import sys
 
 # keras-team/keras#20585: Keras 3's `fit()` fails under MultiWorkerMirroredStrategy.
@@ -337,6 +338,9 @@ def choose_placement(distribute, batch_size):
     if distribute == "multi-process":
         # CPUs have no collectives of their own; gloo is what JAX offers for them.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Counted from the start of the join: a Ctrl-C in the middle of it leaves JAX's
+        # client running, whose exit handler would wait for the others (`leave`).
+        _processes_started.append(count)
         try:
             keras.distribution.initialize()
         except Exception as error:  # JAX gives up on the others after its own timeout
@@ -345,7 +349,6 @@ def choose_placement(distribute, batch_size):
                 f"process {index} of {count} could not join the run at {coordinator} "
                 f"({str(error).strip().splitlines()[0] if str(error).strip() else error!r})"
             ) from None
-        _processes_started.append(count)
     device = jax.devices()[0].platform.upper()
     devices = keras.distribution.list_devices()
     line = f"Backend: jax. Device: {device}"
@@ -389,12 +392,83 @@ def leave(code):
     At exit JAX waits for every process at a shutdown barrier; after another process died
     that wait lasts until its missed heartbeats time out (100 s seen here) and ends in an
     abort with a stack dump. A failed run has said what happened already: it skips that.
+    After Ctrl-C or SIGTERM (codes 130, 143), which the launcher gives every process, the
+    others are stopping too: the barrier is given `interrupted_shutdown_seconds`, so that
+    process 0, which hosts JAX's coordination, does not leave before them (they would
+    abort, with a stack dump, before removing what they wrote).
     """
     if code and _processes_started:
         sys.stdout.flush()
         sys.stderr.flush()
+        if code in (130, 143):
+            _shut_down_within(interrupted_shutdown_seconds)
         os._exit(code)
     return code
+
+
+# How long a process of an interrupted multi-process run waits for the others at exit.
+interrupted_shutdown_seconds = 5.0
+
+
+def _shut_down_within(seconds):
+    """JAX's shutdown barrier, given `seconds` at most: it may wait for a process that is stuck."""
+    import threading
+
+    import jax
+
+    def shut_down():
+        with contextlib.suppress(Exception):  # a join that was interrupted half-way
+            jax.distributed.shutdown()
+
+    waiting = threading.Thread(target=shut_down, daemon=True)
+    waiting.start()
+    waiting.join(seconds)
+
+
+def provenance():
+    """What a run is made with, to record beside its figures (`metrics.json`, `settings.json`).
+
+    A dict: `backend` (the Keras backend), `versions` (of Python, Keras, the backend's
+    libraries, `jax` and `jaxlib` under JAX, and NumPy), `device` (what the backend computes
+    on: "CPU", or the GPU's name as its driver gives it, such as "NVIDIA H100 80GB HBM3";
+    several kinds are joined with commas) and `device_count` (how many of them this process
+    sees). The same code and seed can give other figures under another of these.
+    """
+    import keras
+    import numpy
+
+    backend = keras.backend.backend()
+    versions = {"python": platform.python_version(), "keras": keras.version()}
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+        gpus = tf.config.list_physical_devices("GPU")
+        # The physical device's name ("NVIDIA H100 80GB HBM3"); only GPUs have one.
+        kinds = [
+            tf.config.experimental.get_device_details(gpu).get("device_name", "GPU") for gpu in gpus
+        ]
+    elif backend == "jax":
+        import jax
+        import jaxlib
+
+        versions.update(jax=jax.__version__, jaxlib=jaxlib.__version__)
+        # A CPU's `device_kind` is "cpu"; a GPU's is its name.
+        kinds = [device.device_kind for device in jax.local_devices() if device.platform != "cpu"]
+        kinds = kinds or ["CPU"] * len(jax.local_devices())
+    else:
+        import torch
+
+        versions["torch"] = torch.__version__
+        kinds = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+    versions["numpy"] = numpy.__version__
+    kinds = kinds or ["CPU"]
+    return {
+        "backend": backend,
+        "versions": versions,
+        "device": ", ".join(sorted(set(kinds))),
+        "device_count": len(kinds),
+    }
 
 
 def gpu_visible():

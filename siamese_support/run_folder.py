@@ -215,28 +215,47 @@ def written_by_dry_run(metrics_path):
         return False
 
 
-def check_same_as_interrupted_run(output_dir, name, record, describe_difference):
+def check_same_as_interrupted_run(output_dir, name, record, describe_difference, recorded=None):
     """Refuse to resume when `record` differs from the interrupted run's file `name`.
 
     The interrupted run wrote `record` as the JSON file `name` in `output_dir`; with no
     backup (nothing to resume) or no such file, there is nothing to compare.
     `describe_difference(earlier)` returns the sentence that names what changed.
-    Afterwards `record` is written as `name`, for a later resume.
+    Afterwards `record` is written as `name`, for a later resume, with `recorded` (a dict
+    of what made the run, `PROVENANCE_KEYS`), which is kept but never compared: a run may
+    be resumed under another backend or version.
     """
     output_dir = pathlib.Path(output_dir)
     path = output_dir / name
-    earlier = None
-    if (output_dir / "backup").exists() and path.exists():
-        try:
-            earlier = json.loads(path.read_text())
-        except (OSError, ValueError):
-            earlier = None
+    earlier = read_interrupted_record(output_dir, name)
+    if earlier is not None:
+        earlier = {key: value for key, value in earlier.items() if key not in PROVENANCE_KEYS}
     if earlier is not None and earlier != record:
         raise ValueError(
             f"{describe_difference(earlier)}; rerun its exact command with --resume, or pass "
             "--overwrite to start over"
         )
-    write_json(record, path)
+    write_json({**record, **(recorded or {})}, path)
+
+
+# What `devices.provenance` records in settings.json, and `Run.start` adds when a resume
+# changes the backend: recorded, never checked.
+PROVENANCE_KEYS = ("backend", "versions", "device", "device_count", "earlier_backends")
+
+
+def read_interrupted_record(output_dir, name):
+    """The JSON object the interrupted run in `output_dir` wrote as `name`, or None.
+
+    None where there is no backup (nothing to resume), no such file, or not a JSON object.
+    """
+    output_dir = pathlib.Path(output_dir)
+    if not (output_dir / "backup").exists():
+        return None
+    try:
+        earlier = json.loads((output_dir / name).read_text())
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) else None
 
 
 def check_same_split(output_dir, train_files, validation_files):
@@ -251,11 +270,12 @@ def check_same_split(output_dir, train_files, validation_files):
     check_same_as_interrupted_run(output_dir, "split.json", split, lambda _: changed)
 
 
-def check_same_settings(output_dir, settings):
+def check_same_settings(output_dir, settings, recorded=None):
     """Refuse to resume with settings other than the interrupted run's `settings.json`.
 
     `settings` maps option names (`image_size` for `--image-size`) to values; the message
-    names each changed option with its earlier and its new value.
+    names each changed option with its earlier and its new value. `recorded` (what made
+    the run, `devices.provenance`) is written too, and not compared.
     """
 
     def changed(earlier):
@@ -266,7 +286,35 @@ def check_same_settings(output_dir, settings):
         ]
         return f"the interrupted run in {output_dir} used other settings ({', '.join(changes)})"
 
-    check_same_as_interrupted_run(output_dir, "settings.json", settings, changed)
+    check_same_as_interrupted_run(output_dir, "settings.json", settings, changed, recorded)
+
+
+def resumed_provenance(output_dir, made_with):
+    """What made a run, `made_with` (`devices.provenance()`), with what made its earlier epochs.
+
+    Returns `(provenance, notice)`. When `output_dir` holds an interrupted run to resume
+    whose `settings.json` names another backend, `provenance` adds `earlier_backends`, the
+    backends that trained the earlier epochs, in order (kept across later resumes), and
+    `notice` is the line that says so: a run resumed across backends works, but its figures
+    need not match an uninterrupted run's. Otherwise `notice` is None. Versions and devices
+    may change unremarked.
+    """
+    earlier = (
+        read_interrupted_record(output_dir, "settings.json") if resumable(output_dir) else None
+    )
+    if not earlier or not isinstance(earlier.get("backend"), str):
+        return made_with, None
+    backends = earlier.get("earlier_backends")
+    backends = [*(backends if isinstance(backends, list) else []), earlier["backend"]]
+    # One name per stretch of epochs: jax, jax (resumed twice) is one jax.
+    backends = [name for i, name in enumerate(backends) if i == 0 or name != backends[i - 1]]
+    if backends == [made_with["backend"]]:
+        return made_with, None
+    notice = (
+        f"Resuming a run made with {' and '.join(dict.fromkeys(backends))} under "
+        f"{made_with['backend']}: its figures may differ from an uninterrupted run's"
+    )
+    return {**made_with, "earlier_backends": backends}, notice
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -480,30 +528,58 @@ def exclusive_use(output_dir, place=(0, 1)):
     stale lock. A second run on a locked folder is refused at once, naming the process that
     holds it. Inside the block, Ctrl-C, SIGTERM and a failed write (full disk, read-only
     file system, lost permission) become one message that says what is kept and how to go
-    on. A folder this creates stays only if the run wrote something into it.
+    on (`failures_explained`). A folder this creates stays only if the run wrote something
+    into it.
 
     Yields the folder this process uses. `place` is the process's `(index, count)` in a
     multi-process run: process 0 uses `output_dir`, which holds the run's outputs; each
-    other process `output_dir/process-<index>`, where it keeps only its resume state.
+    other process `output_dir/process-<index>`, where it keeps only its resume state. Such a
+    process takes its folder once process 0 holds `output_dir` (see `Run.start`), and then
+    also removes the folders that process 0 created, if they are empty when it ends last.
     """
-    output_dir = pathlib.Path(output_dir)
-    if place[0] > 0:
-        output_dir = output_dir / f"process-{place[0]}"
+    shared_dir = pathlib.Path(output_dir)
+    output_dir = process_folder(shared_dir, place)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
     created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
     if place[0] > 0 and output_dir.exists():
         created.insert(0, output_dir)  # a process's own folder goes once it holds nothing
+    if place[0] > 0 and shared_dir.exists():
+        # Whichever process of the run ends last finds the shared folder empty.
+        created += _created_by_holder(shared_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock(output_dir)
+        lock = _lock(output_dir, created)
     except OSError as error:
         _remove_if_empty(created)
         raise ValueError(
             f"--output-dir {output_dir} cannot be written ({error.strerror or error})"
         ) from None
     try:
-        yield output_dir
+        with failures_explained(output_dir):
+            yield output_dir
+    finally:
+        # Removed while still held. A run that opened the file just before does not count a
+        # lock on the removed file: filelock checks, once locked, that the file is still linked.
+        (output_dir / ".lock").unlink(missing_ok=True)
+        lock.release()
+        _remove_if_empty(created)
+
+
+def process_folder(output_dir, place):
+    """The folder a process of a run keeps its state in: `output_dir` for process 0 (and a
+    run of one process), `output_dir/process-<index>` for the others (`exclusive_use`)."""
+    output_dir = pathlib.Path(output_dir)
+    return output_dir / f"process-{place[0]}" if place[0] > 0 else output_dir
+
+
+@contextlib.contextmanager
+def failures_explained(output_dir):
+    """Inside the block, Ctrl-C, SIGTERM, the loss of another process of the run and a failed
+    write in `output_dir` become one message that says what is kept and how to go on."""
+    output_dir = pathlib.Path(output_dir)
+    try:
+        yield
     except Exception as error:
         # An error raised while a Ctrl-C or SIGTERM was being handled is that interrupt.
         interrupt = command_line.interrupt_behind(error) or error
@@ -516,19 +592,15 @@ def exclusive_use(output_dir, place=(0, 1)):
         raise ValueError(explain_write_error(error, output_dir)) from None
     except KeyboardInterrupt as interrupt:
         raise type(interrupt)(interrupted_message(output_dir, interrupt)) from None
-    finally:
-        # Removed while still held. A run that opened the file just before does not count a
-        # lock on the removed file: filelock checks, once locked, that the file is still linked.
-        (output_dir / ".lock").unlink(missing_ok=True)
-        lock.release()
-        _remove_if_empty(created)
 
 
-def _lock(output_dir):
+def _lock(output_dir, created=()):
     """Take the OS lock on `output_dir/.lock` (filelock: `flock`, or Windows' own); return it.
 
     The OS releases the lock when the process ends, however it ends. The holder writes its
-    process id into the file, so that a refused run can name it.
+    process id into the file, so that a refused run can name it, and on a second line how
+    many of the folders `output_dir`, its parent, ... the run `created`, so that the other
+    processes of a multi-process run know which they may remove (`_created_by_holder`).
     """
     path = output_dir / ".lock"
     lock = filelock.FileLock(path, timeout=0)
@@ -536,7 +608,7 @@ def _lock(output_dir):
         lock.acquire()
     except filelock.Timeout:
         try:
-            holder = path.read_text().strip()
+            holder = (path.read_text().split() or [""])[0]
         except OSError:  # Windows: the holder's lock covers the file
             holder = ""
         who = f" (process {holder})" if holder.isdigit() else ""
@@ -544,9 +616,24 @@ def _lock(output_dir):
             f"--output-dir {output_dir} is in use by another run{who}; wait for it to "
             "end, or choose another --output-dir"
         ) from None
+    made = [pathlib.Path(output_dir), *pathlib.Path(output_dir).parents][: len(created)]
+    made = len(created) if list(created) == made else 0  # counted from output_dir up
     with contextlib.suppress(OSError):  # Windows: the lock covers the file
-        path.write_text(f"{os.getpid()}\n")
+        path.write_text(f"{os.getpid()}\n{made}\n")
     return lock
+
+
+def _created_by_holder(output_dir):
+    """The folders `output_dir`, its parent, ... that the run holding its lock created.
+
+    Read from the holder's `.lock` (`_lock`); none where it cannot be read.
+    """
+    output_dir = pathlib.Path(output_dir)
+    try:
+        count = int((output_dir / ".lock").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return []
+    return [output_dir, *output_dir.parents][: max(count, 0)]
 
 
 def _remove_if_empty(created):
@@ -626,9 +713,11 @@ class Run(contextlib.ExitStack):
     SIGTERM and failed writes explained, with how to resume); with `resume`, a finished run
     of `epochs` epochs ends the command there (`check_not_finished`). `start` decides, once the data
     has loaded, whether the folder may be used (`prepare_output_dir`), refuses a resume with
-    another split or other settings, and makes the callbacks. `finish` writes the models,
+    another split or other settings, records what makes the run (the backend, the versions,
+    the device: `devices.provenance`), and makes the callbacks. `finish` writes the models,
     `history.csv` and, last, `metrics.json`, the run's end mark. `place` is a multi-process
-    run's `(index, count)`: only process 0 writes outputs (`writes_outputs`). Contexts
+    run's `(index, count)`: only process 0 writes outputs (`writes_outputs`); the others
+    hold their folders from `start` on (`exclusive_use`). Contexts
     entered with `enter_context` (an `ExitStack`'s) stay open until the run ends.
     """
 
@@ -641,11 +730,19 @@ class Run(contextlib.ExitStack):
         self.epochs = epochs
         self.callbacks = []
         self.started = False
+        self.provenance = {}  # what made the run (`start`), for metrics.json
 
     def __enter__(self):
         super().__enter__()
         shared_dir = self.output_dir  # every process reads the finished run's mark here
-        self.output_dir = self.enter_context(exclusive_use(self.output_dir, self.place))
+        if self.writes_outputs:
+            self.output_dir = self.enter_context(exclusive_use(self.output_dir, self.place))
+        else:
+            # The other processes of a multi-process run take their folders in `start`, once
+            # all have joined the run and process 0 holds the shared folder: one that made
+            # the shared folder first would leave it behind after an early Ctrl-C.
+            own_dir = process_folder(self.output_dir, self.place)
+            self.enter_context(failures_explained(own_dir))
         if self.resume and not self.overwrite:
             try:
                 check_not_finished(shared_dir, self.epochs)
@@ -661,7 +758,7 @@ class Run(contextlib.ExitStack):
         folder = pathlib.Path(self.output_dir)
         if exception[0] is not None and self.started and not resumable(folder):
             if not (folder / "metrics.json").exists():
-                for name in ("history-progress.csv", *self.outputs):
+                for name in ("history-progress.csv", "settings.json", *self.outputs):
                     (folder / name).unlink(missing_ok=True)
                 remove_tensorboard_logs(folder)
         return super().__exit__(*exception)
@@ -677,16 +774,31 @@ class Run(contextlib.ExitStack):
         `split` is `(training files, validation files)` and `resumed_settings` names the
         keys of `settings` that a resumed run must keep; both are recorded for a later
         resume (`split.json`, `settings.json`) and checked against the interrupted run's.
+        `settings.json` also records what makes the run (`provenance`: the backend, the
+        versions, the device), which a resume may change (`resumed_provenance` says so).
         """
+        if not self.writes_outputs:  # see `__enter__`
+            self.output_dir = self.enter_context(exclusive_use(self.output_dir, self.place))
         self.output_dir = prepare_output_dir(
             self.output_dir, self.resume, self.overwrite, self.dry_run, self.outputs
         )
-        if split is not None:
-            check_same_split(self.output_dir, *split)
-        if resumed_settings:
-            check_same_settings(self.output_dir, {k: settings[k] for k in resumed_settings})
-        self.callbacks = training_callbacks(self.output_dir, logs=self.writes_outputs)
+        # From here on the folder is this run's: what it writes goes if it stops early
+        # (`__exit__`), split.json and settings.json too, even before the callbacks exist;
+        # a refused resume leaves the interrupted run's as they were.
         self.started = True
+        made_with = devices.provenance()
+        self.provenance, notice = resumed_provenance(self.output_dir, made_with)
+        try:
+            if split is not None:
+                check_same_split(self.output_dir, *split)
+            checked = {key: settings[key] for key in resumed_settings}
+            check_same_settings(self.output_dir, checked, self.provenance)
+        except ValueError:
+            self.started = False
+            raise
+        if notice:  # once the resume is known to go on
+            print(notice, flush=True)
+        self.callbacks = training_callbacks(self.output_dir, logs=self.writes_outputs)
         return self.output_dir
 
     def temporary_folder(self, **where):
@@ -713,7 +825,8 @@ class Run(contextlib.ExitStack):
         """Save `models` (file name to model) and `history.csv`, then `metrics.json`, last.
 
         `metrics.json` holds `metrics`, the number of epochs, the seconds of each epoch run
-        in this process (`epoch_seconds`) and their mean, and `settings`. Other processes of
+        in this process (`epoch_seconds`) and their mean, what made the run (`provenance`:
+        the backend, versions, device) and `settings`. Other processes of
         a multi-process run write nothing and drop their resume state. Returns whether this
         process wrote outputs.
         """
@@ -728,5 +841,5 @@ class Run(contextlib.ExitStack):
         timer = self.callbacks[-1]  # the EpochTimer
         record = {**metrics, "epochs": len(history_rows), "seconds_per_epoch": timer.mean()}
         record["epoch_seconds"] = [round(seconds, 4) for seconds in timer.durations]
-        finish_run(self.output_dir, {**record, **settings})
+        finish_run(self.output_dir, {**record, **self.provenance, **settings})
         return True

@@ -9,7 +9,11 @@ coordinator's), `KERAS_DISTRIBUTION_NUM_PROCESSES` and `KERAS_DISTRIBUTION_PROCE
 shown with its index, `[0] ...`, on the stream it was written to. When one process fails,
 the others are stopped (SIGTERM, then SIGKILL after --grace seconds): a multi-process run
 cannot go on without all of its processes. Ctrl-C and SIGTERM are passed on to every
-process. The exit code is 0 when all succeed, otherwise the first failure's.
+process, which stops by itself (each says what it kept, and whether `--resume` goes on);
+one still running after --grace seconds is stopped as above. The launcher then says
+`[launcher] interrupted: stopped the N processes` (`terminated: ...` after SIGTERM) and
+exits with 130 (143). Otherwise the exit code is 0 when all succeed, else the first
+failure's.
 
 On several machines, set the three variables on each machine yourself (the same address
 list everywhere) and start the command there.
@@ -90,35 +94,46 @@ def launch(count, command, grace=30.0):
     ports = free_loopback_ports(count)
     lock = threading.Lock()
     processes, copiers = [], []
-    for index in range(count):
-        process = subprocess.Popen(
-            command,
-            env=process_environment(index, count, ports),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            start_new_session=True,  # Ctrl-C reaches the launcher, which passes it on once
-        )
-        processes.append(process)
-        for stream, destination in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):
-            copier = threading.Thread(
-                target=copy_lines, args=(stream, index, destination, lock), daemon=True
-            )
-            copier.start()
-            copiers.append(copier)
+    # The first Ctrl-C or SIGTERM while processes start or run: (signal, when, how many run).
+    interrupt, starting = [], [True]
 
     def pass_on(signum, frame):
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signum)
+        running = [process for process in processes if process.poll() is None]
+        if not interrupt and (running or starting):
+            interrupt.append((signum, time.monotonic(), len(running)))
+        for process in running:
+            process.send_signal(signum)
 
+    # Set before the first process starts, so that none is left running by a Ctrl-C there.
     previous = {
         number: signal.signal(number, pass_on) for number in (signal.SIGINT, signal.SIGTERM)
     }
     result = 0
     try:
-        running = set(range(count))
+        for index in range(count):
+            if interrupt:
+                break  # the processes started so far have the signal
+            process = subprocess.Popen(
+                command,
+                env=process_environment(index, count, ports),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+                start_new_session=True,  # Ctrl-C reaches the launcher, which passes it on once
+            )
+            processes.append(process)
+            for stream, destination in (
+                (process.stdout, sys.stdout),
+                (process.stderr, sys.stderr),
+            ):
+                copier = threading.Thread(
+                    target=copy_lines, args=(stream, index, destination, lock), daemon=True
+                )
+                copier.start()
+                copiers.append(copier)
+        starting.clear()
+        running = set(range(len(processes)))
         while running:
             ended = [index for index in sorted(running) if processes[index].poll() is not None]
             running.difference_update(ended)
@@ -129,6 +144,8 @@ def launch(count, command, grace=30.0):
                 code = processes[index].returncode
                 if code != 0 and result == 0:
                     result = code if code > 0 else 128 - code
+                    if interrupt:
+                        continue  # each process stops on its own (below), and says so
                     others = ", ".join(map(str, sorted(running))) or "none left"
                     with lock:
                         print(
@@ -138,6 +155,10 @@ def launch(count, command, grace=30.0):
                             flush=True,
                         )
                     stop(processes, grace)
+            # After a Ctrl-C, each process removes what it has to by itself: a SIGTERM in
+            # the middle could cut that short. Only one still running after --grace is stopped.
+            if interrupt and running and time.monotonic() - interrupt[0][1] > grace:
+                stop(processes, grace)
             time.sleep(0.1)
     finally:
         for number, handler in previous.items():
@@ -145,6 +166,19 @@ def launch(count, command, grace=30.0):
         stop(processes, grace)
         for copier in copiers:
             copier.join(timeout=5)
+    # Processes that all succeeded had finished before the signal could stop them.
+    if interrupt and (result != 0 or not processes):
+        signum, _, stopped = interrupt[0]
+        word = "terminated" if signum == signal.SIGTERM else "interrupted"
+        did = f"stopped the {stopped} process{'es' if stopped != 1 else ''}"
+        # Each process has said what it kept and how to resume: this line adds what the
+        # launcher did, after theirs.
+        print(
+            f"[launcher] {word}: {did if stopped else 'no process was started'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 143 if signum == signal.SIGTERM else 130
     return result
 
 
