@@ -10,9 +10,8 @@ positive closer to the anchor than the negative. The data is the Totally Looks L
 `right/`, whose sorted file names match pair by pair. The example reports val_loss 0.2841
 after 10 epochs.
 
-The definitions follow the example's sections, in its order, and `main()` at the end runs
-its steps. What the port adds (downloads, checked image folders, images and features stored
-once, generated data, metrics, plots, a resumable run folder, devices) is in `siamese_support`.
+The definitions follow the example's sections, in its order; `main()` at the end runs its steps.
+The port's additions (stored data, metrics, plots, resuming, devices) are in `siamese_support`.
 
     python triplet_totally_looks_like.py                     # the example: download, 10 epochs
     python triplet_totally_looks_like.py --data-dir DIR --weights none   # fully offline
@@ -305,7 +304,7 @@ def set_trainable_layers(base_cnn, first_trainable=first_trainable_layer):
         layer.trainable = trainable
 
 
-def build_embedding_network(image_size=target_shape, weights="imagenet"):
+def build_embedding_network(image_size=target_shape, weights="imagenet", normalize=False):
     """The example's embedding model, named "Embedding", taking 0-255 RGB images.
 
     ResNet50 (frozen before `conv5_block1_out`) -> Flatten -> Dense(512, relu) -> BatchNorm
@@ -328,6 +327,8 @@ def build_embedding_network(image_size=target_shape, weights="imagenet"):
     dense2 = layers.BatchNormalization()(dense2)
     # float32 even under mixed precision: the embeddings and their distances stay exact.
     output = layers.Dense(256, dtype="float32")(dense2)
+    if normalize:  # --normalize, an addition: FaceNet's unit-length embeddings (margin 0.2)
+        output = layers.UnitNormalization(dtype="float32")(output)
     embedding = keras.Model(inputs, output, name="Embedding")
     return embedding
 
@@ -369,11 +370,10 @@ def build_siamese_network(embedding):
 def stored_datasets(embedding, train_pairs, validation, image_size, batch_size, options):
     """Training and validation datasets of images or features stored once (`stores`).
 
-    The example decodes every triplet's images in every epoch and runs all of ResNet50 at
-    every step. Here each image is decoded once and, with `cache_features`, runs through the
-    frozen trunk once; the trainable tail (`network`) trains on the stored features. Pairs are
-    `(anchors, positives)`, `validation` has its negatives too; `options`: `(cache_features,
-    cache_folder, seed, share)`. Returns network, datasets, val_store, seconds_caching."""
+    The example decodes every triplet's images every epoch, and runs all of ResNet50 each step.
+    Here each image is decoded once and (`cache_features`) goes through the frozen trunk once;
+    the tail (`network`) trains on the stored features. `options`: `(cache_features, cache_folder,
+    seed, share)`. Returns network, datasets, val_store, seconds_caching."""
     cache_features, cache_folder, seed, share = options
     val_anchors, val_positives, val_negatives = validation
     files = (train_pairs[0] + train_pairs[1], val_anchors + val_positives)
@@ -562,7 +562,7 @@ def main(argv=None):
 
         # The embedding model and the Siamese network, trained on stored images or features.
         with placement.scope():  # the weights of every device, process and replica
-            embedding = build_embedding_network(image_size, args.weights)
+            embedding = build_embedding_network(image_size, args.weights, args.normalize)
         options = (args.cache_features, run.cache_folder(), args.seed, placement.share)
         network, train_dataset, val_dataset, val_store, seconds_caching = stored_datasets(
             embedding, (train_anchors, train_positives), validation, image_size, batch_size, options

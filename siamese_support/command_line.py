@@ -20,6 +20,9 @@ import threading
 # `--negatives` of the triplet script: the tutorial's random negatives, or negatives mined in
 # each batch by `siamese_support.mining` (named here, where no import of Keras is needed).
 NEGATIVES_CHOICES = ("random", "semi-hard", "hard")
+# The triplet margin with `--normalize`: FaceNet's, for embeddings of unit length (squared
+# distances from 0 to 4), where the example's 0.5 is an eighth of the whole range.
+NORMALIZED_MARGIN = 0.2
 # Where the runs go unless --output-dir says otherwise: (a run's, a --dry-run's).
 MNIST_OUTPUT_DIRS = ("runs/mnist_siamese", "runs/mnist_siamese_dry_run")
 TRIPLET_OUTPUT_DIRS = ("runs/triplet_totally_looks_like", "runs/triplet_totally_looks_like_dry_run")
@@ -30,7 +33,7 @@ TRIPLET_OUTPUT_FILES += ("loss.png", "distances.png", "retrieval.png")
 # The triplet settings a resumed run must keep (--epochs, --jit-compile, --distribute,
 # --steps-per-execution may change), and all that its metrics.json records.
 TRIPLET_RESUMED_SETTINGS = ("image_size", "batch_size", "margin", "learning_rate", "weights")
-TRIPLET_RESUMED_SETTINGS += ("negatives", "cache_features", "mixed_precision")
+TRIPLET_RESUMED_SETTINGS += ("negatives", "normalize", "cache_features", "mixed_precision")
 TRIPLET_RUN_SETTINGS = TRIPLET_RESUMED_SETTINGS + ("seed", "jit_compile", "replicas", "dry_run")
 TRIPLET_RUN_SETTINGS += ("steps_per_execution",)
 # What an MNIST run's metrics.json records of its command line (after the script's choices).
@@ -507,8 +510,8 @@ def triplet_parser(defaults):
         "--margin",
         type=positive_float,
         metavar="MARGIN",
-        default=defaults["margin"],
-        help=f"triplet-loss margin (default {defaults['margin']})",
+        help=f"triplet-loss margin (default {defaults['margin']}; {NORMALIZED_MARGIN} with "
+        "--normalize)",
     )
     parser.add_argument(
         "--learning-rate",
@@ -553,6 +556,13 @@ def triplet_parser(defaults):
         "them; semi-hard: the closest image of another pair in the batch that is farther "
         "from the anchor than its positive (FaceNet); hard: the closest image of another "
         "pair in the batch (default random)",
+    )
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="scale each embedding to unit length (L2), as FaceNet does, so that squared "
+        f"distances lie between 0 and 4 (default off, as in the example; the margin is then "
+        f"{NORMALIZED_MARGIN} unless --margin says otherwise)",
     )
     # --resume and --overwrite come last in this script's --help, as they always have.
     add_output_options(parser, *TRIPLET_OUTPUT_DIRS, saved="model")
@@ -681,6 +691,8 @@ def parse_triplet_command(argv, defaults):
         args.epochs = args.epochs or defaults[f"{dry}epochs"]
         args.image_size = args.image_size or defaults[f"{dry}image_size"]
         args.weights = args.weights or ("none" if dry else "imagenet")
+        if args.margin is None:
+            args.margin = NORMALIZED_MARGIN if args.normalize else defaults["margin"]
         args.output_dir = args.output_dir or pathlib.Path(TRIPLET_OUTPUT_DIRS[bool(dry)])
         return parser.prog, args
     prog = f"triplet_totally_looks_like.py {command}"
