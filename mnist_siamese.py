@@ -302,6 +302,10 @@ def main(argv=None):
     if args.command == "compare":  # use a trained model (see `compare --help`)
         inputs = (args.images, args.pairs, args.run_dir, args.output, euclidean_distance)
         return trained_model.compare_digits(*inputs, distance_threshold)
+    if args.command == "export":  # for serving (see `export --help`)
+        from siamese_support import export
+
+        return export.export_run(args.run_dir, args.format, args.output, args.overwrite, __file__)
     # The run folder: one run at a time, resumable; process 0 of several writes the outputs.
     folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
     with run_folder.Run(*folder, devices.process_place(args.distribute), epochs=args.epochs) as run:

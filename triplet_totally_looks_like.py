@@ -528,6 +528,10 @@ def main(argv=None):
     if args.command == "search":  # (see `search --help`)
         inputs = (args.query, args.gallery, args.k, args.run_dir, args.output, args.batch_size)
         return gallery.search_gallery(*inputs, preprocess_image, decode_image)
+    if args.command == "export":  # for serving (see `export --help`)
+        from siamese_support import export
+
+        return export.export_run(args.run_dir, args.format, args.output, args.overwrite, __file__)
     image_size, batch_size = (args.image_size, args.image_size), args.batch_size
     # The run folder: one run at a time, resumable; process 0 of several writes the outputs.
     folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)

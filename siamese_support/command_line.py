@@ -379,8 +379,8 @@ def mnist_parser(defaults):
     parser = ArgumentParser(
         prog="mnist_siamese.py",
         description="Train a Siamese network with a contrastive loss on MNIST pairs.",
-        epilog="With a trained model: mnist_siamese.py compare IMAGE_A IMAGE_B (see "
-        "mnist_siamese.py compare --help).",
+        epilog="With a trained model: mnist_siamese.py compare IMAGE_A IMAGE_B, or export "
+        "RUN_DIR for serving (see mnist_siamese.py compare --help, export --help).",
     )
     parser.add_argument(
         "--epochs", type=positive_int, default=epochs, help=f"epochs (default {epochs})"
@@ -478,7 +478,7 @@ def triplet_parser(defaults):
         prog="triplet_totally_looks_like.py",
         description="Train a Siamese network with a triplet loss on Totally Looks Like.",
         epilog="With a trained model: triplet_totally_looks_like.py search QUERY --gallery DIR, "
-        "or compare IMAGE_A IMAGE_B (see their --help).",
+        "compare IMAGE_A IMAGE_B, or export RUN_DIR for serving (see their --help).",
     )
     parser.add_argument(
         "--data-dir",
@@ -602,8 +602,8 @@ def triplet_parser(defaults):
 def split_command(argv, commands):
     """`(command, rest)`: the first argument when it is one of `commands`, else `(None, argv)`.
 
-    A script's bare command line trains, as the tutorial does; `compare` and `search` use
-    what a run trained. `argv` None reads the process's arguments.
+    A script's bare command line trains, as the tutorial does; `compare`, `search` and
+    `export` use what a run trained. `argv` None reads the process's arguments.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in commands:
@@ -623,6 +623,48 @@ def add_run_dir_option(parser, default_dir, dry_run_dir):
     )
 
 
+# `export --format`: the formats of Keras's `Model.export` that `siamese_support.export`
+# writes and checks (named here, where no import of Keras is needed).
+EXPORT_FORMATS = ("tf_saved_model", "onnx")
+
+
+def export_parser(script, default_dir, dry_run_dir):
+    """The command line of `SCRIPT export`: a run's embedding model for serving."""
+    parser = ArgumentParser(
+        prog=f"{script} export",
+        description="Export a trained run's embedding model for serving, with Keras's "
+        "Model.export: tf_saved_model (a folder, for TensorFlow Serving and tf.saved_model."
+        "load) or onnx (a file, for ONNX Runtime). The export is reloaded by its own "
+        "runtime and kept only if it gives the Keras model's embeddings for a few images.",
+    )
+    parser.add_argument(
+        "run_dir",
+        type=pathlib.Path,
+        nargs="?",
+        default=pathlib.Path(default_dir),
+        metavar="RUN_DIR",
+        help=f"the training run's output folder (default {default_dir}; a --dry-run's is "
+        f"{dry_run_dir})",
+    )
+    parser.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=EXPORT_FORMATS[0],
+        help=f"the export's format (default {EXPORT_FORMATS[0]})",
+    )
+    parser.add_argument(
+        "--output",
+        type=pathlib.Path,
+        metavar="PATH",
+        help="where the export goes (default RUN_DIR/embedding_saved_model or "
+        "RUN_DIR/embedding.onnx); its folder must exist",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace what is at --output, if anything"
+    )
+    return parser
+
+
 def parse_mnist_command(argv, defaults):
     """The command line of `mnist_siamese.py`: training, or `compare`. Returns `(prog, args)`.
 
@@ -630,7 +672,10 @@ def parse_mnist_command(argv, defaults):
     `--batch-size` and `--output-dir` not given get the example's values, or the dry run's
     with `--dry-run`, which also trains `dry_run_epochs` epochs on `dry_run_data`.
     """
-    command, rest = split_command(argv, ("compare",))
+    command, rest = split_command(argv, ("compare", "export"))
+    if command == "export":
+        parser = export_parser("mnist_siamese.py", *MNIST_OUTPUT_DIRS)
+        return parser.prog, parser.parse_args(rest, argparse.Namespace(command=command))
     if command is None:
         parser = mnist_parser(defaults)
         parser.set_defaults(command=None)
@@ -682,7 +727,10 @@ def parse_triplet_command(argv, defaults):
     training, whose `--epochs`, `--image-size`, `--weights` and `--output-dir` not given get
     the example's values, or the dry run's with `--dry-run`.
     """
-    command, rest = split_command(argv, ("search", "compare"))
+    command, rest = split_command(argv, ("search", "compare", "export"))
+    if command == "export":
+        parser = export_parser("triplet_totally_looks_like.py", *TRIPLET_OUTPUT_DIRS)
+        return parser.prog, parser.parse_args(rest, argparse.Namespace(command=command))
     if command is None:
         parser = triplet_parser(defaults)
         parser.set_defaults(command=None)

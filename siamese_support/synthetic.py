@@ -35,6 +35,33 @@ def _draw_scene(scene, image_size, rng, jitter):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def random_scene(rng):
+    """A scene to draw: a background colour and two to four shapes (kind, centre, size,
+    colour), from the NumPy generator `rng`."""
+    shape_count = int(rng.integers(2, 5))
+    return {
+        "background": rng.uniform(0, 255, 3),
+        "shapes": [
+            (
+                int(rng.integers(0, 3)),
+                rng.uniform(0.2, 0.8, 2),
+                rng.uniform(0.1, 0.35, 2),
+                rng.uniform(0, 255, 3),
+            )
+            for _ in range(shape_count)
+        ],
+    }
+
+
+def generated_images(count, image_size, seed=0):
+    """`count` generated scenes, each drawn once, as uint8 RGB images `(count, size, size, 3)`."""
+    rng = np.random.default_rng(seed)
+    images = [
+        _draw_scene(random_scene(rng), image_size, rng, synthetic_jitter) for _ in range(count)
+    ]
+    return np.stack(images)
+
+
 def make_synthetic_dataset(folder, pairs=48, image_size=96, seed=42, jitter=synthetic_jitter):
     """Write a Totally-Looks-Like-style folder of generated pairs; return the folder.
 
@@ -56,19 +83,7 @@ def make_synthetic_dataset(folder, pairs=48, image_size=96, seed=42, jitter=synt
     for side in ("left", "right"):
         (folder / side).mkdir(parents=True, exist_ok=True)
     for index in range(pairs):
-        shape_count = int(rng.integers(2, 5))
-        scene = {
-            "background": rng.uniform(0, 255, 3),
-            "shapes": [
-                (
-                    int(rng.integers(0, 3)),
-                    rng.uniform(0.2, 0.8, 2),
-                    rng.uniform(0.1, 0.35, 2),
-                    rng.uniform(0, 255, 3),
-                )
-                for _ in range(shape_count)
-            ],
-        }
+        scene = random_scene(rng)
         for side in ("left", "right"):
             image = _draw_scene(scene, image_size, rng, jitter)
             path = folder / side / f"{index:05d}.jpg"
