@@ -29,6 +29,9 @@ FORMATS = {
         "writes": "folder",
         "modules": ("tensorflow",),
         "install": "pip install tensorflow",
+        # Under JAX through jax2tf, which needs TensorFlow too; Keras has no such path from
+        # PyTorch.
+        "backends": ("tensorflow", "jax"),
     },
     "onnx": {
         "writes": "file",

@@ -253,3 +253,12 @@ def test_a_run_of_the_other_script_is_named(tmp_path, capsys):
     (tmp_path / "embedding.keras").write_bytes(b"")  # a triplet run's model file
     result = export_mnist(tmp_path, tmp_path, capsys, "--output", tmp_path / "served")
     helpers.assert_one_line_error(result, PROG, "holds a model of triplet_totally_looks_like.py")
+
+
+def test_under_pytorch_a_saved_model_is_refused_in_one_line(
+    mnist_run, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(export, "keras_backend", lambda: "torch")
+    result = export_mnist(mnist_run, tmp_path, capsys, "--output", tmp_path / "served")
+    helpers.assert_one_line_error(result, PROG, "the tensorflow or jax backend, not torch")
+    assert list(tmp_path.iterdir()) == []
