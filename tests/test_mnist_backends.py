@@ -77,8 +77,9 @@ def test_dry_run_under_pytorch_needs_no_tensorflow(tmp_path):
     assert metrics["backend"] == "torch" and metrics["test_accuracy"] >= 0.75, metrics
 
 
-# Loads a run's two models under the backend of this process and prints the distances it
-# gives fixed pairs of images, two ways: the Siamese model, and its embedding network.
+# Loads each run's two models given under the backend of this process and prints the
+# distances they give fixed pairs of images, two ways: the Siamese model, and its embedding
+# network. One process per backend reloads every run (a process costs seconds of imports).
 RELOAD = textwrap.dedent(
     """
     import json, pathlib, sys
@@ -86,33 +87,45 @@ RELOAD = textwrap.dedent(
     import keras
     import numpy as np
 
-    output_dir = pathlib.Path(sys.argv[2])
-    siamese = keras.saving.load_model(output_dir / "siamese_model.keras")
-    embedding = keras.saving.load_model(output_dir / "embedding_network.keras")
     images = np.random.default_rng(0).random((64, 28, 28)).astype("float32")
-    distances = siamese.predict([images[:32], images[32:]], verbose=0).ravel()
-    embedded = embedding.predict(images, verbose=0)
-    print(json.dumps({
-        "backend": keras.backend.backend(),
-        "distances": distances.tolist(),
-        "embedding": embedded[:4].tolist(),
-        "margin": siamese.loss.margin,
-    }))
+    reloaded = {}
+    for output_dir in map(pathlib.Path, sys.argv[2:]):
+        siamese = keras.saving.load_model(output_dir / "siamese_model.keras")
+        embedding = keras.saving.load_model(output_dir / "embedding_network.keras")
+        distances = siamese.predict([images[:32], images[32:]], verbose=0).ravel()
+        embedded = embedding.predict(images, verbose=0)
+        reloaded[str(output_dir)] = {
+            "backend": keras.backend.backend(),
+            "distances": distances.tolist(),
+            "embedding": embedded[:4].tolist(),
+            "margin": siamese.loss.margin,
+        }
+    print(json.dumps(reloaded))
     """
 )
+
+
+@pytest.fixture(scope="module")
+def reloaded(trained, tmp_path_factory):
+    """Every trained run reloaded under each backend: {(saved under, reloaded under): numbers}."""
+    cwd = tmp_path_factory.mktemp("reload")
+    results = {}
+    for backend in ("tensorflow", "jax"):
+        folders = [str(output_dir) for output_dir, _ in trained.values()]
+        env = {"KERAS_BACKEND": backend}
+        result = helpers.run(MNIST, folders, cwd, RELOAD, env, timeout=120)
+        assert result.returncode == 0, describe(result)
+        printed = json.loads(result.stdout.strip().splitlines()[-1])
+        for saved_under, (output_dir, _) in trained.items():
+            results[saved_under, backend] = printed[str(output_dir)]
+    return results
 
 
 @pytest.mark.slow
 @needs("tensorflow", "jax")
 @pytest.mark.parametrize("saved_under", ["tensorflow", "jax"])
-def test_models_saved_under_one_backend_reload_under_the_other(trained, saved_under, tmp_path):
-    output_dir, _ = trained[saved_under]
-    results = {}
-    for backend in ("tensorflow", "jax"):
-        env = {"KERAS_BACKEND": backend}
-        result = helpers.run(MNIST, [output_dir], tmp_path, RELOAD, env, timeout=120)
-        assert result.returncode == 0, describe(result)
-        results[backend] = json.loads(result.stdout.strip().splitlines()[-1])
+def test_models_saved_under_one_backend_reload_under_the_other(reloaded, saved_under):
+    results = {backend: reloaded[saved_under, backend] for backend in ("tensorflow", "jax")}
     assert results["tensorflow"]["backend"] == "tensorflow" and results["jax"]["backend"] == "jax"
     distances = np.array(results["jax"]["distances"])
     assert distances.min() > 0 and np.ptp(distances) > 0  # a trained, working model
