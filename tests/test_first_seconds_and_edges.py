@@ -1,7 +1,10 @@
 """The first seconds of a run, its last ones, and the edges of `compare`, `search` and resuming.
 
-Each case runs a script in a subprocess, as a user would, and checks the exit code, the one
-line the user reads, that no traceback shows, and what the output folder holds afterwards.
+Each case runs a script as a user would and checks the exit code, the one line the user
+reads, that no traceback shows, and what the output folder holds afterwards. Where the
+process is the point (Ctrl-C, choosing the backend, a scheduler's retry) the script runs in
+a subprocess; elsewhere the test calls its `main()` in this process, which spares the
+subprocess's imports (5 s or more) and goes through the same one-line errors and exit codes.
 Ctrl-C is sent by the child to itself, with Python's default SIGINT handling restored, at
 the moment its import of a given module begins: inside the start-up, whatever the machine's
 speed. The cases run under any backend (CI runs them under JAX without TensorFlow too).
@@ -15,6 +18,10 @@ import helpers
 import pytest
 from helpers import FIXTURE, MNIST, TRIPLET, assert_one_line_error, describe
 
+# Imported here, before any test: the first import sets process-wide settings (environment
+# variables of TensorFlow's) that conftest.py's guard would blame on the test.
+import mnist_siamese
+import triplet_totally_looks_like
 from siamese_support import command_line, run_folder, synthetic, trained_model
 
 # Run by `python -c`: sends SIGINT to this process when the import of INTERRUPT_AT starts,
@@ -36,6 +43,11 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 # A small MNIST run: 1,000 training and 1,000 test images of the fixture, no plots.
 MNIST_RUN = ["--data", FIXTURE, "--limit", "1000", "--no-plots", "--epochs", "1"]
+# For an MNIST run's main() in this process: TensorFlow's thread setting left as it is (a
+# run sets it for its whole process, 1 on a CPU), where the backend is TensorFlow.
+IN_PROCESS_THREADS = (
+    ["--intra-op-threads", "0"] if mnist_siamese.keras.backend.backend() == "tensorflow" else []
+)
 
 
 def interrupted_at(module, script, args, cwd, env=None):
@@ -129,10 +141,11 @@ def test_a_backend_whose_library_is_missing_says_what_to_install(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_file_named_logs_is_refused_before_training(tmp_path):
+def test_a_file_named_logs_is_refused_before_training(tmp_path, capfd):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "logs").write_text("my notes")
-    result = helpers.run(MNIST, [*MNIST_RUN, "--output-dir", "run"], tmp_path)
+    args = [*MNIST_RUN, *IN_PROCESS_THREADS, "--output-dir", "run"]
+    result = helpers.run_main(mnist_siamese, args, tmp_path, capfd)
     assert_one_line_error(result, "mnist_siamese.py", "holds a file named logs", "move it")
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["logs"]
     assert (tmp_path / "run" / "logs").read_text() == "my notes"
@@ -149,17 +162,19 @@ def test_outputs_of_the_wrong_kind_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_on_a_finished_mnist_run(tmp_path):
+def test_resume_on_a_finished_mnist_run(mnist_run, tmp_path, capfd):
+    # A copy of the module's finished run, made by `args` (the fixture checked it succeeded).
     args = [*MNIST_RUN, "--output-dir", "run"]
-    assert helpers.run(MNIST, args, tmp_path).returncode == 0
+    shutil.copytree(mnist_run / "run", tmp_path / "run")
     metrics = (tmp_path / "run" / "metrics.json").read_bytes()
-    # The same command again, as a scheduler's retry: nothing to do, success.
+    # The same command again, as a scheduler's retry: nothing to do, success (a process's
+    # exit code and its whole stderr).
     again = helpers.run(MNIST, [*args, "--resume"], tmp_path)
     assert again.returncode == 0, describe(again)
     assert again.stderr == "", describe(again)
     assert "nothing to resume: the run in run finished, after 1 epoch" in again.stdout
     # More epochs: refused, saying why and what to do.
-    longer = helpers.run(MNIST, [*args, "--resume", "--epochs", "3"], tmp_path)
+    longer = helpers.run_main(mnist_siamese, [*args, "--resume", "--epochs", "3"], tmp_path, capfd)
     assert_one_line_error(
         longer, "mnist_siamese.py", "cannot be taken to --epochs 3", "--overwrite"
     )
@@ -167,11 +182,12 @@ def test_resume_on_a_finished_mnist_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_on_a_finished_triplet_run(tmp_path):
-    args = ["--dry-run", "--output-dir", "run", "--no-plots"]
-    assert helpers.run(TRIPLET, args, tmp_path).returncode == 0
+def test_resume_on_a_finished_triplet_run(triplet_run, tmp_path, capfd):
+    # A copy of the module's finished dry run, made by `args` (the fixture checked it).
+    folder, args = triplet_run
+    shutil.copytree(folder / "run", tmp_path / "run")
     metrics = (tmp_path / "run" / "metrics.json").read_bytes()
-    again = helpers.run(TRIPLET, [*args, "--resume"], tmp_path)
+    again = helpers.run_main(triplet_totally_looks_like, [*args, "--resume"], tmp_path, capfd)
     assert again.returncode == 0, describe(again)
     assert "nothing to resume: the run in run finished, after 1 epoch" in again.stdout
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
@@ -258,28 +274,28 @@ def mnist_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_compare_output_into_a_new_folder_is_created(mnist_run, tmp_path):
+def test_compare_output_into_a_new_folder_is_created(mnist_run, tmp_path, capfd):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"{mnist_run / 'digit0.png'},{mnist_run / 'digit1.png'}\n")
     output = tmp_path / "new" / "folder" / "compared.csv"
     args = ["compare", "--run-dir", mnist_run / "run", "--pairs", pairs, "--output", output]
-    result = helpers.run(MNIST, args, tmp_path)
+    result = helpers.run_main(mnist_siamese, args, tmp_path, capfd)
     assert result.returncode == 0, describe(result)
     assert output.read_text().startswith("image_a,")
     (tmp_path / "a_file").write_text("")
     args[-1] = tmp_path / "a_file" / "compared.csv"
-    result = helpers.run(MNIST, args, tmp_path)
+    result = helpers.run_main(mnist_siamese, args, tmp_path, capfd)
     assert_one_line_error(result, "mnist_siamese.py compare", "a_file is a file", "--output")
 
 
 @pytest.mark.slow
-def test_a_truncated_keras_file_is_called_damaged(mnist_run, tmp_path):
+def test_a_truncated_keras_file_is_called_damaged(mnist_run, tmp_path, capfd):
     run = tmp_path / "run"
     shutil.copytree(mnist_run / "run", run)
     model = run / "embedding_network.keras"
     model.write_bytes(model.read_bytes()[:3000])
     args = ["compare", "--run-dir", run, mnist_run / "digit0.png", mnist_run / "digit1.png"]
-    result = helpers.run(MNIST, args, tmp_path)
+    result = helpers.run_main(mnist_siamese, args, tmp_path, capfd)
     line = assert_one_line_error(result, "mnist_siamese.py compare", str(model))
     assert "damaged or incomplete" in line and "not found" not in line.lower()
 
@@ -296,21 +312,38 @@ def test_whole_zip_file(tmp_path):
     assert not trained_model.whole_zip_file(tmp_path / "missing.keras")
 
 
-@pytest.mark.slow
-def test_search_output_into_a_new_folder_is_created(tmp_path):
-    data = tmp_path / "pairs"
+@pytest.fixture(scope="module")
+def triplet_run(tmp_path_factory):
+    """`(folder, args)`: a finished triplet run in FOLDER/run, made by `args` from FOLDER.
+
+    A dry run (1 epoch, no pretrained weights) on 12 generated pairs of 32 x 32 images, in
+    FOLDER/pairs, which then serve as the gallery and the query.
+    """
+    folder = tmp_path_factory.mktemp("triplet_run")
+    data = folder / "pairs"
     synthetic.make_synthetic_dataset(data, pairs=12, image_size=32, seed=1)
-    train = ["--data-dir", data, "--weights", "none", "--image-size", "32", "--batch-size", "4"]
-    result = helpers.run(TRIPLET, [*train, "--no-plots", "--output-dir", "run"], tmp_path)
+    args = ["--dry-run", "--data-dir", data, "--image-size", "32", "--batch-size", "4"]
+    args += ["--no-plots", "--output-dir", "run"]
+    result = helpers.run(TRIPLET, args, folder)
     assert result.returncode == 0, describe(result)
+    return folder, args
+
+
+@pytest.mark.slow
+def test_search_output_into_a_new_folder_is_created(triplet_run, tmp_path, capfd):
+    folder, _ = triplet_run
+    data = folder / "pairs"
     query = next((data / "left").iterdir())
     output = tmp_path / "not" / "yet" / "here.png"
-    search = ["search", "--run-dir", "run", "--gallery", data / "right", "-k", "3", query]
-    result = helpers.run(TRIPLET, [*search, "--output", output], tmp_path)
+    search = ["search", "--run-dir", folder / "run", "--gallery", data / "right", "-k", "3"]
+    search.append(query)
+    tll = triplet_totally_looks_like
+    result = helpers.run_main(tll, [*search, "--output", output], tmp_path, capfd)
     assert result.returncode == 0, describe(result)
     assert output.read_bytes().startswith(b"\x89PNG")
     assert [path.name for path in output.parent.iterdir()] == ["here.png"]
     (tmp_path / "a_file").write_text("")
-    result = helpers.run(TRIPLET, [*search, "--output", tmp_path / "a_file" / "x.png"], tmp_path)
+    refused = [*search, "--output", tmp_path / "a_file" / "x.png"]
+    result = helpers.run_main(tll, refused, tmp_path, capfd)
     assert_one_line_error(result, "triplet_totally_looks_like.py search", "a_file is a file")
     assert "Gallery" not in result.stdout  # refused before the gallery was embedded

@@ -1,9 +1,11 @@
-"""`triplet_totally_looks_like.py search` and `compare`, in subprocesses, on a dry run's model.
+"""`triplet_totally_looks_like.py search` and `compare` on a dry run's model.
 
 The model is trained once per module on generated pairs (`tools/make_synthetic_tll.py`),
-whose images then serve as the gallery and the queries. The bad inputs but one call
-`main()` in this process, which returns the exit code the script exits with (a subprocess
-pays the TensorFlow import and the model's loading, about 8 s).
+whose images then serve as the gallery and the queries. A first search and one bad input
+run in subprocesses, as a user meets them; the other commands call `main()` in this
+process, which returns the exit code the script exits with (a subprocess pays the
+TensorFlow import before the model's loading, 5 s or more). The gallery's cache lives in
+the run folder, not in the process, so searches in one process find what another left.
 """
 
 import os
@@ -51,8 +53,11 @@ def counts(stdout):
     return int(found[1].replace(",", "")), int(found[2].replace(",", ""))
 
 
-def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(trained, tmp_path):
+def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(
+    trained, tmp_path, capfd
+):
     folder, run_dir, pairs = trained
+    tll = triplet_totally_looks_like
     gallery = tmp_path / "gallery"
     shutil.copytree(pairs, gallery)
     query = gallery / "left" / "00003.jpg"
@@ -67,7 +72,7 @@ def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(tra
     assert [row[1] for row in found] == sorted(row[1] for row in found)
     assert output.read_bytes().startswith(PNG_SIGNATURE)
 
-    again = helpers.run(TRIPLET, args, folder)
+    again = helpers.run_main(tll, args, folder, capfd)
     assert again.returncode == 0, describe(again)
     assert counts(again.stdout) == (0, 24)
     assert ranking(again.stdout) == found
@@ -78,7 +83,7 @@ def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(tra
     changed = gallery / "right" / "00007.jpg"
     shutil.copyfile(query, changed)
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    rebuilt = helpers.run(TRIPLET, args, folder)
+    rebuilt = helpers.run_main(tll, args, folder, capfd)
     assert rebuilt.returncode == 0, describe(rebuilt)
     assert counts(rebuilt.stdout) == (1, 23)
     assert {row[0] for row in ranking(rebuilt.stdout)[:2]} == {query, changed}
@@ -87,20 +92,22 @@ def test_search_ranks_the_query_first_and_keeps_the_gallery_between_searches(tra
     # A new model file: every image is embedded again.
     model = run_dir / "embedding.keras"
     os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
-    new_model = helpers.run(TRIPLET, args, folder)
+    new_model = helpers.run_main(tll, args, folder, capfd)
     assert new_model.returncode == 0, describe(new_model)
     assert counts(new_model.stdout) == (24, 0)
 
 
-def test_compare_gives_distance_zero_for_one_image_and_more_for_two(trained):
+def test_compare_gives_distance_zero_for_one_image_and_more_for_two(trained, capfd):
     folder, run_dir, pairs = trained
+    tll = triplet_totally_looks_like
     image = pairs / "left" / "00001.jpg"
-    same = helpers.run(TRIPLET, ["compare", image, image, "--run-dir", run_dir], folder)
+    same = helpers.run_main(tll, ["compare", image, image, "--run-dir", run_dir], folder, capfd)
     assert same.returncode == 0, describe(same)
     assert re.search(r"^Squared distance: 0\.0000$", same.stdout, re.M), same.stdout
     assert re.search(r"^Cosine similarity: \+1\.0000$", same.stdout, re.M), same.stdout
-    other = helpers.run(
-        TRIPLET, ["compare", image, pairs / "left" / "00002.jpg", "--run-dir", run_dir], folder
+    other_image = pairs / "left" / "00002.jpg"
+    other = helpers.run_main(
+        tll, ["compare", image, other_image, "--run-dir", run_dir], folder, capfd
     )
     assert other.returncode == 0, describe(other)
     assert float(re.search(r"^Squared distance: ([\d.]+)$", other.stdout, re.M)[1]) > 1e-3
