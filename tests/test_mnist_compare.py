@@ -1,10 +1,11 @@
-"""`mnist_siamese.py compare`, in subprocesses, on the model of one dry run.
+"""`mnist_siamese.py compare` on the model of one dry run.
 
 Digit images are written from the shipped fixture's test set as PNG files, the way a user
 would hand them to the command. Runs under every backend (CI runs it under JAX without
-TensorFlow too): reading images needs only Pillow. The bad inputs but one call `main()` in
-this process, which returns the exit code the script exits with (a subprocess pays the
-imports, about 5 s).
+TensorFlow too): reading images needs only Pillow. A table of pairs, one bad input and the
+wrong arguments run the script in a subprocess, as a user does; the other cases call `main()`
+in this process, which returns the exit code the script exits with and spares the
+subprocess's imports (about 5 s).
 """
 
 import csv
@@ -47,10 +48,11 @@ def distance_of(stdout):
 
 
 @pytest.mark.slow
-def test_an_image_compared_with_itself_is_at_distance_about_zero(trained):
+def test_an_image_compared_with_itself_is_at_distance_about_zero(trained, capsys):
     folder, run_dir, digits = trained
     name = next(iter(digits))
-    result = helpers.run(MNIST, ["compare", name, name, "--run-dir", run_dir], folder)
+    args = ["compare", name, name, "--run-dir", run_dir]
+    result = helpers.run_main(mnist_siamese, args, folder, capsys)
     assert result.returncode == 0, helpers.describe(result)
     assert distance_of(result.stdout) < 1e-3
     threshold = json.loads((run_dir / "metrics.json").read_text())["best_threshold"]
@@ -59,13 +61,14 @@ def test_an_image_compared_with_itself_is_at_distance_about_zero(trained):
 
 
 @pytest.mark.slow
-def test_dark_digit_on_light_ground_is_inverted_and_said(trained):
+def test_dark_digit_on_light_ground_is_inverted_and_said(trained, capsys):
     folder, run_dir, digits = trained
     name = next(iter(digits))
     pixels = np.asarray(Image.open(folder / name))
     # Ink on paper, larger and in colour: the command must bring it back to MNIST's form.
     Image.fromarray(255 - pixels).convert("RGB").resize((112, 112)).save(folder / "paper.jpg")
-    result = helpers.run(MNIST, ["compare", name, "paper.jpg", "--run-dir", run_dir], folder)
+    args = ["compare", name, "paper.jpg", "--run-dir", run_dir]
+    result = helpers.run_main(mnist_siamese, args, folder, capsys)
     assert result.returncode == 0, helpers.describe(result)
     assert "paper.jpg: a dark digit on a light ground; inverted" in result.stdout
     assert name + ":" not in result.stdout  # the MNIST-like image is not inverted
