@@ -1,8 +1,11 @@
 """Both scripts as real runs meet real trouble: a second run, a full disk, SIGTERM, odd data.
 
-Every case runs a script in a subprocess, as a user or a scheduler would, and checks the
-exit code, the one-line message, that no traceback shows, and what the output folder holds
-afterwards.
+Every case runs a script as a user or a scheduler would, and checks the exit code, the
+one-line message, that no traceback shows, and what the output folder holds afterwards.
+What meets the trouble runs in a subprocess: the run that holds a folder, gets a signal,
+fails a write, or says its one line as the user sees it. The runs that only go on from
+there (a resume, a second run refused) or read odd data run `main()` in the test process
+(`helpers.run_main`), which spares each the subprocess's imports.
 """
 
 import contextlib
@@ -21,6 +24,8 @@ import numpy as np
 import pytest
 from helpers import FIXTURE, MNIST, TRIPLET, describe
 
+import mnist_siamese
+import triplet_totally_looks_like
 from siamese_support import command_line, run_folder, synthetic
 
 # A small MNIST run: 1,000 training and 1,000 test images of the fixture, no plots.
@@ -37,6 +42,17 @@ def wait_for(path, process, seconds=240):
         assert process.poll() is None, describe(helpers.finish(process))
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.05)
+
+
+def run_in_process(script, args, cwd, capsys):
+    """The script's `main(ARGS)` in the test process (`helpers.run_main`).
+
+    An MNIST run keeps TensorFlow's own thread count (`--intra-op-threads 0`): left to
+    choose, main() would set one thread per operation for the whole test process.
+    """
+    if script == MNIST:
+        return helpers.run_main(mnist_siamese, [*args, "--intra-op-threads", "0"], cwd, capsys)
+    return helpers.run_main(triplet_totally_looks_like, args, cwd, capsys)
 
 
 def epochs_logged(output_dir):
@@ -58,14 +74,20 @@ def pairs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_second_mnist_run_on_a_busy_folder_exits_at_once(tmp_path):
-    # 60 epochs of batch 32: long enough (about 20 s) for a second run to meet the first.
-    args = [*MNIST_RUN, "--epochs", "60", "--batch-size", "32"]
+def test_a_second_mnist_run_on_a_busy_folder_exits_at_once(tmp_path, capsys):
+    args = [*MNIST_RUN, "--epochs", "3", "--batch-size", "32"]
     first = helpers.start(MNIST, args, tmp_path)
     wait_for(tmp_path / "run" / "backup" / "training_metadata.json", first)
-    # The same command again, as a requeued job would start it, while the first still runs.
-    second = helpers.run(MNIST, [*args, "--resume"], tmp_path)
-    assert first.poll() is None, "the first run ended before the second started"
+    # Stopped (SIGSTOP) after its first epoch, the first run is alive and holds the folder
+    # for as long as the second takes, however short its own training.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        # The same command again, as a requeued job would start it, while the first still
+        # runs (the refusal as a user sees it, in its own process: the locked-folder test).
+        second = helpers.run_main(mnist_siamese, [*args, "--resume"], tmp_path, capsys)
+        assert first.poll() is None, "the first run ended before the second started"
+    finally:
+        first.send_signal(signal.SIGCONT)
     helpers.assert_one_line_error(
         second, MNIST.name, "is in use by another run", f"process {first.pid}"
     )
@@ -73,7 +95,7 @@ def test_a_second_mnist_run_on_a_busy_folder_exits_at_once(tmp_path):
     # The first run is unharmed and finishes; it leaves no lock file behind.
     finished = helpers.finish(first)
     assert finished.returncode == 0, describe(finished)
-    assert epochs_logged(tmp_path / "run") == [str(epoch) for epoch in range(60)]
+    assert epochs_logged(tmp_path / "run") == ["0", "1", "2"]
     assert not (tmp_path / "run" / ".lock").exists()
 
 
@@ -126,7 +148,7 @@ def fill(folder, leave_bytes):
 
 
 @pytest.mark.slow
-def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
+def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path, capsys):
     disk = small_file_system(tmp_path / "disk", 16)
     with disk as mount_point:
         # Room for the first epoch's backup (about 1.1 MB) but not for the second's, which
@@ -142,7 +164,7 @@ def test_mnist_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
 
         # Space freed, the same command with --resume goes on from the last finished epoch.
         filler.unlink()
-        resumed = helpers.run(MNIST, [*args, "--resume"], tmp_path)
+        resumed = run_in_process(MNIST, [*args, "--resume"], tmp_path, capsys)
         assert resumed.returncode == 0, describe(resumed)
         assert "Epoch 1/3" not in resumed.stdout
         assert epochs_logged(output_dir) == ["0", "1", "2"]
@@ -168,7 +190,7 @@ FAILING_WRITE = textwrap.dedent(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
-def test_a_failed_save_keeps_the_trained_run_resumable(tmp_path, script, pairs):
+def test_a_failed_save_keeps_the_trained_run_resumable(tmp_path, script, pairs, capsys):
     base = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
     args = [*base, "--epochs", "2"]
     failed = helpers.run(script, ["save_model", *args], tmp_path, python_code=FAILING_WRITE)
@@ -178,7 +200,7 @@ def test_a_failed_save_keeps_the_trained_run_resumable(tmp_path, script, pairs):
     # The finished training is kept until every output is written.
     assert (output_dir / "backup" / "training_metadata.json").exists()
 
-    resumed = helpers.run(script, [*args, "--resume"], tmp_path)
+    resumed = run_in_process(script, [*args, "--resume"], tmp_path, capsys)
     assert resumed.returncode == 0, describe(resumed)
     assert "Epoch 1/2" not in resumed.stdout and "Epoch 2/2" not in resumed.stdout
     assert epochs_logged(output_dir) == ["0", "1"]
@@ -207,9 +229,10 @@ def test_a_read_only_output_folder_is_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [MNIST, TRIPLET], ids=["mnist", "triplet"])
-def test_sigterm_is_handled_like_ctrl_c(tmp_path, script, pairs):
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, script, pairs, capsys):
     base = MNIST_RUN if script == MNIST else ["--data-dir", pairs, *TRIPLET_RUN]
-    args = [*base, "--epochs", "4"]
+    # Stopped after its first epoch's backup, with two epochs still to go.
+    args = [*base, "--epochs", "3"]
     process = helpers.start(script, args, tmp_path)
     wait_for(tmp_path / "run" / "backup" / "training_metadata.json", process)
     process.send_signal(signal.SIGTERM)
@@ -217,10 +240,10 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, script, pairs):
     helpers.assert_one_line_error(stopped, script.name, "terminated", "--resume", code=143)
     assert not (tmp_path / "run" / "metrics.json").exists()
 
-    resumed = helpers.run(script, [*args, "--resume"], tmp_path)
+    resumed = run_in_process(script, [*args, "--resume"], tmp_path, capsys)
     assert resumed.returncode == 0, describe(resumed)
-    assert "Epoch 1/4" not in resumed.stdout
-    assert epochs_logged(tmp_path / "run") == ["0", "1", "2", "3"]
+    assert "Epoch 1/3" not in resumed.stdout
+    assert epochs_logged(tmp_path / "run") == ["0", "1", "2"]
 
 
 def test_sigterm_during_a_backup_is_delivered_after_it():
@@ -239,17 +262,18 @@ def test_sigterm_during_a_backup_is_delivered_after_it():
 
 
 @pytest.mark.slow
-def test_mnist_as_fractions_trains_as_the_uint8_file_does(tmp_path):
+def test_mnist_as_fractions_trains_as_the_uint8_file_does(tmp_path, capsys):
     with np.load(FIXTURE) as archive:
         arrays = {name: archive[name] for name in archive.files}
     for name in ("x_train", "x_test"):
         arrays[name] = arrays[name] / 255.0
     np.savez(tmp_path / "fractions.npz", **arrays)
     small = ["--limit", "600", "--epochs", "1", "--no-plots"]
-    uint8_run = helpers.run(MNIST, ["--data", FIXTURE, *small, "--output-dir", "a"], tmp_path)
-    fraction_run = helpers.run(
-        MNIST, ["--data", tmp_path / "fractions.npz", *small, "--output-dir", "b"], tmp_path
-    )
+    # Both through main(): the seeds it sets make the two runs alike in one process too.
+    uint8_args = ["--data", FIXTURE, *small, "--output-dir", "a"]
+    uint8_run = run_in_process(MNIST, uint8_args, tmp_path, capsys)
+    fraction_args = ["--data", tmp_path / "fractions.npz", *small, "--output-dir", "b"]
+    fraction_run = run_in_process(MNIST, fraction_args, tmp_path, capsys)
     assert uint8_run.returncode == 0 and fraction_run.returncode == 0, describe(fraction_run)
     assert "float64 values in [0, 1]; read as pixel values 0-255" in fraction_run.stdout
     metrics = [json.loads((tmp_path / side / "metrics.json").read_text()) for side in "ab"]
@@ -270,7 +294,7 @@ def test_mnist_with_a_nan_exits_2_naming_the_array(tmp_path):
 
 
 @pytest.mark.slow
-def test_folders_as_people_have_them(tmp_path, pairs):
+def test_folders_as_people_have_them(tmp_path, pairs, capsys):
     data = tmp_path / "data"
     shutil.copytree(pairs, data)
     (data / "right" / "Thumbs.db").write_bytes(b"\0" * 100)
@@ -282,7 +306,8 @@ def test_folders_as_people_have_them(tmp_path, pairs):
         (data / "left" / "00001.jpg").read_bytes()
     )
     (data / "left" / "00003.jpg").write_bytes(b"")  # an empty file: an unreadable image
-    result = helpers.run(TRIPLET, ["--data-dir", data, *TRIPLET_RUN, "--epochs", "1"], tmp_path)
+    args = ["--data-dir", data, *TRIPLET_RUN, "--epochs", "1"]
+    result = run_in_process(TRIPLET, args, tmp_path, capsys)
     assert result.returncode == 0, describe(result)
     assert "Traceback" not in result.stderr
     assert "Ignored 5 entries that are not images" in result.stdout, result.stdout

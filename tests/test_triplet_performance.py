@@ -264,6 +264,12 @@ def test_mixed_precision_computes_in_float16_and_keeps_distances_and_loss_in_flo
     siamese_model = tll.SiameseModel(tll.build_siamese_network(tail))
     siamese_model.compile(optimizer=keras.optimizers.Adam(1e-3))
     assert isinstance(siamese_model.optimizer, keras.optimizers.LossScaleOptimizer)
+    # The loss scale starts at 2**15 and is halved on every step whose float16 gradients
+    # overflow, which is skipped. With random weights the loss is in the hundreds, and the
+    # gradients fit float16 only from 2**-11 on (measured: 26 skipped steps, 1.5 s each on a
+    # CPU, which emulates float16). The scale starts at 2**-12, where the weights move in the
+    # first steps; the loop still allows for steps to skip.
+    siamese_model.optimizer.initial_scale = 2.0**-12
     # Each negative is its anchor: every triplet violates the margin, the loss is positive.
     batch = tuple(tf.constant(features[rows]) for rows in ([0, 1], [4, 5], [0, 1]))
     ap_distance, an_distance = siamese_model(batch)
@@ -271,9 +277,6 @@ def test_mixed_precision_computes_in_float16_and_keeps_distances_and_loss_in_flo
     before = [np.array(weight.numpy()) for weight in tail.trainable_weights]
     logs = siamese_model.train_step((batch,))
     assert logs["loss"].dtype == "float32" and 0 < float(logs["loss"]) < np.inf
-    # The loss scale starts at 2**15 and is halved on every step whose float16 gradients
-    # overflow, which is skipped; with random weights the loss is in the hundreds, so it
-    # takes some twenty steps before the weights move.
     for _ in range(60):
         siamese_model.train_step((batch,))
         after = [weight.numpy() for weight in tail.trainable_weights]
@@ -300,17 +303,22 @@ def test_the_mixed_precision_flag_sets_the_policy_for_the_run_only(tmp_path, pai
 
 @pytest.mark.slow
 def test_an_xla_compiled_step_gives_the_same_loss(image_files):
+    keras.utils.set_random_seed(0)
+    embedding = tll.build_embedding_network((32, 32), weights=None)
+    trunk, tail = _split(embedding)
+    features = stores.compute_trunk_features(trunk, image_files, _loader(32), 32)
+    # Each anchor is its own negative: the loss is positive.
+    anchors_as_negatives = np.arange(len(image_files) // 2)
+    dataset = stores.make_store_dataset(
+        features, tll.validation_triplet_indices(anchors_as_negatives), 4
+    )
+    # One network for both steps (building ResNet50 costs seconds): each step starts from
+    # the weights it was built with, trainable or not (the BatchNormalization statistics).
+    built = tail.get_weights()
     losses = []
     for jit_compile in (False, True):
         keras.utils.set_random_seed(0)
-        embedding = tll.build_embedding_network((32, 32), weights=None)
-        trunk, tail = _split(embedding)
-        features = stores.compute_trunk_features(trunk, image_files, _loader(32), 32)
-        # Each anchor is its own negative: the loss is positive.
-        anchors_as_negatives = np.arange(len(image_files) // 2)
-        dataset = stores.make_store_dataset(
-            features, tll.validation_triplet_indices(anchors_as_negatives), 4
-        )
+        tail.set_weights(built)
         siamese_model = tll.SiameseModel(tll.build_siamese_network(tail))
         # Compiled as the script compiles it: Adam, and XLA on or off.
         siamese_model.compile(keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
@@ -365,9 +373,17 @@ ONE_STEP_RUNNER = SPLIT_CPU + textwrap.dedent(
     """
 )
 
-# The script itself. TensorFlow's collectives do not survive a second MirroredStrategy
-# in one process, so every run gets its own.
-SCRIPT_RUNNER = SPLIT_CPU + "sys.exit(tll.main(sys.argv[2:]))\n"
+# The script itself, on one device and then mirrored, in one process: `main(ARGS)` with
+# `--output-dir NAME --distribute NAME` for each. (TensorFlow's collectives do not survive a
+# second MirroredStrategy in one process: one mirrored run per process.)
+SCRIPT_RUNNER = SPLIT_CPU + textwrap.dedent(
+    """
+    for name in ("none", "mirrored"):
+        code = tll.main([*sys.argv[2:], "--output-dir", name, "--distribute", name])
+        if code:
+            sys.exit(code)
+    """
+)
 
 
 @pytest.mark.slow
@@ -393,12 +409,11 @@ def test_the_script_under_mirrored_strategy_gives_losses_close_to_one_device(tmp
     )
     arguments = ["--data-dir", pairs_dir, "--image-size", "32", "--batch-size", "16"]
     arguments += ["--epochs", "1", "--weights", "none", "--no-plots"]
+    result = helpers.run(TRIPLET, arguments, tmp_path, python_code=SCRIPT_RUNNER, timeout=600)
+    assert result.returncode == 0, describe(result)
     rows = {}
     for name in ("none", "mirrored"):
         output_dir = tmp_path / name
-        args = [*arguments, "--output-dir", output_dir, "--distribute", name]
-        result = helpers.run(TRIPLET, args, tmp_path, python_code=SCRIPT_RUNNER, timeout=600)
-        assert result.returncode == 0, describe(result)
         metrics = json.loads((output_dir / "metrics.json").read_text())
         assert metrics["replicas"] == (2 if name == "mirrored" else 1), result.stdout
         with open(output_dir / "history.csv", newline="") as stream:
