@@ -6,8 +6,6 @@ The command's bad inputs each end in one line and exit code 2, and leave nothing
 """
 
 import os
-import subprocess
-import sys
 
 import helpers
 import numpy as np
@@ -221,15 +219,11 @@ def test_under_jax_the_saved_model_matches_too(mnist_run, tmp_path):
     result = helpers.run(MNIST, ["export", mnist_run, "--output", output], tmp_path, env=env)
     assert result.returncode == 0, helpers.describe(result)
     assert (output / "saved_model.pb").is_file()
-    check = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        "served = tf.saved_model.load(sys.argv[1])\n"
-        "print(served.serve(tf.zeros((2, 28, 28))).numpy().shape)\n"
-    )
-    loaded = subprocess.run(
-        [sys.executable, "-c", check, str(output)], capture_output=True, text=True, timeout=120
-    )
-    assert loaded.stdout.strip().endswith("(2, 128)"), loaded.stderr[-2000:]
+    # Served by TensorFlow alone, in this process (another would pay TensorFlow's import).
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(output))
+    assert served.serve(tf.zeros((2, 28, 28))).numpy().shape == (2, 128)
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ Ctrl-C and --resume after a kill.
 
 Every subprocess pays the TensorFlow import (about 5 s), so the dry run happens once per
 module and the cheaper runs use --limit and --no-plots; independent runs go in parallel.
+Where the process is not what is tested (a refused run, a rerun, a resume), `main()` runs
+in this process instead.
 """
 
 import csv
@@ -19,6 +21,9 @@ import helpers
 import numpy as np
 import pytest
 from helpers import FIXTURE, MNIST, describe
+
+# Imported before any test: the first import sets process-wide settings (see conftest.py).
+import mnist_siamese
 
 # Every test starts the script, and most of them train: all are in the slow lane.
 pytestmark = pytest.mark.slow
@@ -36,6 +41,11 @@ METRIC_KEYS = (
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A cheap real training run: 600 training and 600 test images of the fixture.
 SMALL_RUN = ["--data", str(FIXTURE), "--limit", "600", "--no-plots"]
+# For a run in this process as well as in a subprocess: TensorFlow's own thread setting, the
+# one this process keeps (a run's default, 1 on a CPU, would outlive the test here).
+SAME_THREADS = (
+    ["--intra-op-threads", "0"] if mnist_siamese.keras.backend.backend() == "tensorflow" else []
+)
 
 
 def read_history(output_dir):
@@ -214,7 +224,7 @@ def test_dry_run_models_reload_in_a_fresh_process(dry_run):
     assert reloaded["margin"] == pytest.approx(1.0)
 
 
-def test_dry_run_replaces_a_dry_run_but_a_real_run_is_refused(dry_run, tmp_path):
+def test_dry_run_replaces_a_dry_run_but_a_real_run_is_refused(dry_run, tmp_path, capsys):
     source, _ = dry_run
     shutil.copytree(source / "runs", tmp_path / "runs")
     output_dir = tmp_path / DRY_RUN_DIR
@@ -222,15 +232,15 @@ def test_dry_run_replaces_a_dry_run_but_a_real_run_is_refused(dry_run, tmp_path)
     before_model = (output_dir / "siamese_model.keras").read_bytes()
 
     # A real (non-dry) run into the dry run's folder, without --overwrite: refused.
-    refused = helpers.run(
-        MNIST, [*SMALL_RUN, "--epochs", "1", "--output-dir", DRY_RUN_DIR], tmp_path
-    )
+    arguments = [*SMALL_RUN, "--epochs", "1", "--output-dir", DRY_RUN_DIR, *SAME_THREADS]
+    refused = helpers.run_main(mnist_siamese, arguments, tmp_path, capsys)
     helpers.assert_one_line_error(refused, PROG, "--overwrite")
     assert (output_dir / "metrics.json").read_bytes() == before
     assert (output_dir / "siamese_model.keras").read_bytes() == before_model
 
     # Another dry run (smaller, to save time) replaces the first one.
-    again = helpers.run(MNIST, ["--dry-run", "--limit", "600", "--no-plots"], tmp_path)
+    arguments = ["--dry-run", "--limit", "600", "--no-plots", *SAME_THREADS]
+    again = helpers.run_main(mnist_siamese, arguments, tmp_path, capsys)
     assert again.returncode == 0, describe(again)
     metrics = read_metrics(output_dir)
     assert metrics["epochs"] == 1
@@ -339,7 +349,7 @@ INTERRUPTER = textwrap.dedent(
     """
 )
 RESUMABLE_RUN = ["--data", str(FIXTURE), "--limit", "1000", "--epochs", "3", "--no-plots"]
-RESUMABLE_RUN += ["--output-dir", "run", "--resume"]
+RESUMABLE_RUN += ["--output-dir", "run", "--resume", *SAME_THREADS]
 
 
 def assert_resumed_to_three_epochs(result, output_dir):
@@ -352,19 +362,19 @@ def assert_resumed_to_three_epochs(result, output_dir):
     assert "Epoch 3/3" in result.stdout
 
 
-def test_resume_after_a_kill_right_after_the_backup(tmp_path):
+def test_resume_after_a_kill_right_after_the_backup(tmp_path, capsys):
     killed = helpers.run(MNIST, ["kill-after-backup", *RESUMABLE_RUN], tmp_path, INTERRUPTER)
     assert killed.returncode == -signal.SIGKILL, describe(killed)
     output_dir = tmp_path / "run"
     assert (output_dir / "backup").is_dir()
     assert not (output_dir / "metrics.json").exists()
 
-    # The same command again (it has --resume), without the hook.
-    resumed = helpers.run(MNIST, RESUMABLE_RUN, tmp_path)
+    # The same command again (it has --resume), without the hook, in this process.
+    resumed = helpers.run_main(mnist_siamese, RESUMABLE_RUN, tmp_path, capsys)
     assert_resumed_to_three_epochs(resumed, output_dir)
 
 
-def test_ctrl_c_saves_a_resumable_run(tmp_path):
+def test_ctrl_c_saves_a_resumable_run(tmp_path, capsys):
     interrupted = helpers.run(MNIST, ["ctrl-c-after-epoch", *RESUMABLE_RUN], tmp_path, INTERRUPTER)
     assert interrupted.returncode == 130, describe(interrupted)
     assert "Traceback" not in interrupted.stderr, describe(interrupted)
@@ -377,11 +387,11 @@ def test_ctrl_c_saves_a_resumable_run(tmp_path):
 
     # Without --resume (or --overwrite) the interrupted run is left alone.
     without_resume = [arg for arg in RESUMABLE_RUN if arg != "--resume"]
-    refused = helpers.run(MNIST, without_resume, tmp_path)
+    refused = helpers.run_main(mnist_siamese, without_resume, tmp_path, capsys)
     helpers.assert_one_line_error(refused, PROG, "--resume", "--overwrite")
     assert (output_dir / "backup").is_dir()
 
-    resumed = helpers.run(MNIST, RESUMABLE_RUN, tmp_path)
+    resumed = helpers.run_main(mnist_siamese, RESUMABLE_RUN, tmp_path, capsys)
     assert_resumed_to_three_epochs(resumed, output_dir)
 
     # Checked last, so that the steps above are known to work whatever happens here:

@@ -21,12 +21,22 @@ import numpy as np
 import pytest
 from helpers import FIXTURE, MNIST
 
+import mnist_siamese
 import triplet_totally_looks_like as tll
 from siamese_support import image_folders, progress, run_folder, stores, synthetic
 from triplet_totally_looks_like import keras
 
 BAR = "\u2501"  # the heavy horizontal line Keras draws its bars with
-SIZE = 64
+SIZE = 32  # ResNet50's smallest: the streamed and the decoded images compare at any size
+
+
+def in_process_threads():
+    """The arguments that keep TensorFlow's thread setting as it is, for `main()` in this process.
+
+    An MNIST run sets TensorFlow's threads for its process (1 on a CPU); in this process
+    that would outlive the test, so it asks for TensorFlow's own choice, the setting here.
+    """
+    return ["--intra-op-threads", "0"] if keras.backend.backend() == "tensorflow" else []
 
 
 class Terminal(io.StringIO):
@@ -79,8 +89,9 @@ def event_files(output_dir, side):
 
 @pytest.mark.slow
 def test_training_shows_keras_progress_bar_on_a_terminal(tmp_path):
+    # No plots: they go to files, not to the terminal.
     code, output, stderr = run_on_pseudo_terminal(
-        ["--dry-run", "--output-dir", tmp_path / "out"], tmp_path
+        ["--dry-run", "--no-plots", "--output-dir", tmp_path / "out"], tmp_path
     )
     assert code == 0, (output[-2000:], stderr)
     assert BAR in output, output[-2000:]
@@ -90,9 +101,12 @@ def test_training_shows_keras_progress_bar_on_a_terminal(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_prints_one_line_per_epoch_in_a_pipe(tmp_path):
+def test_training_prints_one_line_per_epoch_in_a_pipe(tmp_path, capsys):
+    # In this process (a subprocess would pay the imports): pytest's captured output is no
+    # terminal either, and the script chooses from `isatty()` alone.
     args = ["--data", FIXTURE, "--limit", "600", "--no-plots", "--epochs", "2"]
-    result = helpers.run(MNIST, [*args, "--output-dir", "out"], tmp_path)
+    args += in_process_threads()
+    result = helpers.run_main(mnist_siamese, [*args, "--output-dir", "out"], tmp_path, capsys)
     assert result.returncode == 0, helpers.describe(result)
     assert BAR not in result.stdout and "\b" not in result.stdout, result.stdout
     assert "\r" not in result.stdout, result.stdout
@@ -234,10 +248,13 @@ def test_streamed_features_and_embeddings_match_the_decoded_images(
 
 
 @pytest.mark.slow
-def test_a_dry_run_writes_tensorboard_logs_that_overwrite_replaces(tmp_path):
+def test_a_dry_run_writes_tensorboard_logs_that_overwrite_replaces(tmp_path, capsys):
     pytest.importorskip("tensorboard")
-    args = ["--dry-run", "--output-dir", "out"]
-    first = helpers.run(MNIST, args, tmp_path)
+    # In this process, on 600 digits, without plots: the logs are the callbacks' whatever
+    # the run's size. Each writer's file name holds a number new in the process.
+    args = ["--dry-run", "--limit", "600", "--no-plots", "--output-dir", "out"]
+    args += in_process_threads()
+    first = helpers.run_main(mnist_siamese, args, tmp_path, capsys)
     assert first.returncode == 0, helpers.describe(first)
     output_dir = tmp_path / "out"
     train, validation = event_files(output_dir, "train"), event_files(output_dir, "validation")
@@ -248,7 +265,7 @@ def test_a_dry_run_writes_tensorboard_logs_that_overwrite_replaces(tmp_path):
     logged.Reload()
     assert "epoch_loss" in logged.Tags()["tensors"], logged.Tags()
 
-    again = helpers.run(MNIST, [*args, "--overwrite"], tmp_path)
+    again = helpers.run_main(mnist_siamese, [*args, "--overwrite"], tmp_path, capsys)
     assert again.returncode == 0, helpers.describe(again)
     new_train = event_files(output_dir, "train")
     assert len(new_train) == 1 and new_train != train

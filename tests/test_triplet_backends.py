@@ -1,13 +1,16 @@
 """triplet_totally_looks_like.py under each Keras 3 backend: JAX and PyTorch without TensorFlow.
 
 Each test starts the script, or a few lines that use it, in a subprocess with
-`KERAS_BACKEND` set. A backend that is not installed skips its tests, with the reason: CI
-runs this module in its main environment (TensorFlow and JAX) and again in an environment
-with JAX and without TensorFlow (`.ci/run`); PyTorch is not a CI dependency.
+`KERAS_BACKEND` set; lines meant for the backend this process already runs under run here
+instead (`run_lines`), which spares a subprocess's imports. A backend that is not installed
+skips its tests, with the reason: CI runs this module in its main environment (TensorFlow
+and JAX) and again in an environment with JAX and without TensorFlow (`.ci/run`); PyTorch
+is not a CI dependency.
 """
 
 import json
 import re
+import sys
 import textwrap
 
 import helpers
@@ -26,6 +29,29 @@ def run_under(backend, args, cwd, python_code=None, env=None, timeout=300):
     """`helpers.run` of the triplet script (or of `python_code`) with KERAS_BACKEND set."""
     environment = {"KERAS_BACKEND": backend, **(env or {})}
     return helpers.run(TRIPLET, args, cwd, python_code, environment, timeout)
+
+
+def run_here(python_code, args, capsys, monkeypatch):
+    """`python_code` in this process, with the `sys.argv` a subprocess would give it: stdout."""
+    monkeypatch.setattr(sys, "argv", ["-c", str(TRIPLET), *map(str, args)])
+    capsys.readouterr()
+    exec(compile(python_code, "<python_code>", "exec"), {"__name__": "__main__"})
+    return capsys.readouterr().out
+
+
+def run_lines(backend, python_code, args, cwd, capsys, monkeypatch, timeout=180):
+    """The stdout of `python_code` under `backend`: here if this process runs it, else a
+    subprocess's (which must succeed)."""
+    if backend == keras_backend():
+        return run_here(python_code, args, capsys, monkeypatch)
+    result = run_under(backend, args, cwd, python_code, timeout=timeout)
+    assert result.returncode == 0, describe(result)
+    return result.stdout
+
+
+def keras_backend():
+    """The Keras backend of this process."""
+    return tll.keras.backend.backend()
 
 
 # ---------------------------------------------------------------------------
@@ -111,21 +137,23 @@ ONE_STEP = textwrap.dedent(
 )
 
 
-def one_step(backend, cwd, distribute="none", layers="batchnorm", env=None):
-    result = run_under(backend, [distribute, layers], cwd, ONE_STEP, env, timeout=180)
-    assert result.returncode == 0, describe(result)
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+def one_step(backend, cwd, capsys, monkeypatch, distribute="none", layers="batchnorm"):
+    args = [distribute, layers]
+    stdout = run_lines(backend, ONE_STEP, args, cwd, capsys, monkeypatch)
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULTS "))
     return json.loads(line.removeprefix("RESULTS "))
 
 
 @pytest.mark.slow
 @needs("tensorflow")
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_keras_default_step_computes_the_tape_steps_loss_and_update(backend, tmp_path):
+def test_keras_default_step_computes_the_tape_steps_loss_and_update(
+    backend, tmp_path, capsys, monkeypatch
+):
     if not installed(backend):
         pytest.skip(f"not installed here: {backend}")
-    tape = one_step("tensorflow", tmp_path)
-    default = one_step(backend, tmp_path)
+    tape = one_step("tensorflow", tmp_path, capsys, monkeypatch)
+    default = one_step(backend, tmp_path, capsys, monkeypatch)
     assert default["line"].startswith(f"Backend: {backend}.")
     for negatives in ("random", "semi-hard", "hard"):
         assert tape[negatives]["loss"] > 0
@@ -145,8 +173,8 @@ def test_keras_default_step_computes_the_tape_steps_loss_and_update(backend, tmp
 # A saved embedding model reloads under the other backend
 # ---------------------------------------------------------------------------
 
-# argv: a model file to load ("-": none), a model file to save, the images file. Loading
-# embeds the images with the loaded model; saving builds the script's embedding model
+# argv: a model file to load ("-": none), a model file to save ("-": none), the images file.
+# Loading embeds the images with the loaded model; saving builds the script's embedding model
 # (random weights, 32 x 32 images), saves it as a run does, and embeds them with it.
 LOAD_AND_SAVE = textwrap.dedent(
     """
@@ -162,10 +190,12 @@ LOAD_AND_SAVE = textwrap.dedent(
     if load_file != "-":
         loaded = keras.saving.load_model(load_file)
         results["loaded"] = keras.ops.convert_to_numpy(loaded.predict(images, verbose=0)).tolist()
-    keras.utils.set_random_seed(0)
-    embedding = tll.build_embedding_network((32, 32), weights=None)
-    run_folder.save_model(embedding, save_file)
-    results["saved"] = keras.ops.convert_to_numpy(embedding.predict(images, verbose=0)).tolist()
+    if save_file != "-":
+        keras.utils.set_random_seed(0)
+        embedding = tll.build_embedding_network((32, 32), weights=None)
+        run_folder.save_model(embedding, save_file)
+        saved = embedding.predict(images, verbose=0)
+        results["saved"] = keras.ops.convert_to_numpy(saved).tolist()
     print(json.dumps(results))
     """
 )
@@ -173,20 +203,23 @@ LOAD_AND_SAVE = textwrap.dedent(
 
 @pytest.mark.slow
 @needs("tensorflow", "jax")
-def test_embedding_saved_under_one_backend_gives_the_same_embeddings_under_the_other(tmp_path):
-    # TensorFlow saves; JAX loads that file and saves its own; TensorFlow loads JAX's.
+def test_embedding_saved_under_one_backend_gives_the_same_embeddings_under_the_other(
+    tmp_path, capsys, monkeypatch
+):
+    # TensorFlow saves; JAX loads that file and saves its own; TensorFlow loads JAX's. The
+    # steps of this process's backend run here.
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.save(tmp_path / "images.npy", images)
     steps = (("tensorflow", "-", "tf.keras"), ("jax", "tf.keras", "jax.keras"))
-    steps += (("tensorflow", "jax.keras", "again.keras"),)
+    steps += (("tensorflow", "jax.keras", "-"),)
     results = []
     for backend, load_file, save_file in steps:
-        arguments = [load_file, tmp_path / save_file, tmp_path / "images.npy"]
-        if load_file != "-":
-            arguments[0] = tmp_path / load_file
-        result = run_under(backend, arguments, tmp_path, LOAD_AND_SAVE, timeout=180)
-        assert result.returncode == 0, describe(result)
-        results.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        arguments = [
+            name if name == "-" else tmp_path / name
+            for name in (load_file, save_file, "images.npy")
+        ]
+        stdout = run_lines(backend, LOAD_AND_SAVE, arguments, tmp_path, capsys, monkeypatch)
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
         assert results[-1]["backend"] == backend
     for saved, loaded in ((results[0], results[1]), (results[1], results[2])):
         expected = np.array(saved["saved"])

@@ -406,12 +406,15 @@ def test_each_mining_mode_trains_an_epoch_on_real_images(
 @pytest.mark.slow
 def test_training_on_real_images_raises_triplet_accuracy_on_the_validation_pairs(tmp_path, capsys):
     # The README's real-image set (300 pairs: 240 training, 60 validation) at 96 x 96 for
-    # five epochs with the example's random negatives: measured 0.817 before, 0.883 after
-    # (60 validation triplets, so 4 more right). Smaller sets or images did not learn
-    # reliably from a random trunk (see the README).
+    # three epochs with the example's random negatives: measured 0.817 before, 0.850 after
+    # (60 validation triplets, so 2 more right; five epochs reach 0.883, the last two taking
+    # 10-30 s). With --seed 1, 2, 3 it rose too (0.683 -> 0.850, 0.733 -> 0.783,
+    # 0.800 -> 0.900), and on the set of seed 1; --seed 4 starts at 0.900 and fell, at five
+    # epochs as well. Smaller sets or images did not learn reliably from a random trunk
+    # (64 x 64, five epochs: 0.883 -> 0.850).
     data_dir = real_pairs.make_real_dataset(tmp_path / "real300", pairs=300, seed=0)
     arguments = ["--data-dir", data_dir, "--image-size", "96", "--batch-size", "16"]
-    arguments += ["--epochs", "5", "--weights", "none", "--no-plots", "--negatives", "random"]
+    arguments += ["--epochs", "3", "--weights", "none", "--no-plots", "--negatives", "random"]
     result = helpers.run_main(tll, [*arguments, "--output-dir", "run"], tmp_path, capsys)
     assert result.returncode == 0, describe(result)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
