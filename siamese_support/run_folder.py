@@ -547,22 +547,27 @@ def exclusive_use(output_dir, place=(0, 1)):
     if place[0] > 0 and shared_dir.exists():
         # Whichever process of the run ends last finds the shared folder empty.
         created += _created_by_holder(shared_dir)
+    lock = None
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock(output_dir, created)
-    except OSError as error:
-        _remove_if_empty(created)
-        raise ValueError(
-            f"--output-dir {output_dir} cannot be written ({error.strerror or error})"
-        ) from None
-    try:
+        # A Ctrl-C between the lock file's creation and the lock's return would leave the
+        # folder behind, lock file and all: it is delivered once the lock is held, below.
+        with ctrl_c_deferred():
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                lock = _lock(output_dir, created)
+            except OSError as error:
+                raise ValueError(
+                    f"--output-dir {output_dir} cannot be written ({error.strerror or error})"
+                ) from None
         with failures_explained(output_dir):
             yield output_dir
     finally:
-        # Removed while still held. A run that opened the file just before does not count a
-        # lock on the removed file: filelock checks, once locked, that the file is still linked.
-        (output_dir / ".lock").unlink(missing_ok=True)
-        lock.release()
+        if lock is not None:
+            # Removed while still held. A run that opened the file just before does not count
+            # a lock on the removed file: filelock checks, once locked, that the file is still
+            # linked.
+            (output_dir / ".lock").unlink(missing_ok=True)
+            lock.release()
         _remove_if_empty(created)
 
 

@@ -23,6 +23,7 @@ import textwrap
 import threading
 import time
 
+import filelock
 import helpers
 import keras
 import numpy as np
@@ -374,3 +375,23 @@ def test_ctrl_c_while_two_processes_start_training_leaves_no_folder(tmp_path, mo
         assert len(said) == 1 and "interrupted" in said[0], describe(result)
     assert "Traceback" not in result.stderr and "exited with code" not in result.stderr
     assert list(tmp_path.iterdir()) == [], describe(result)
+
+
+def test_a_ctrl_c_while_the_lock_is_taken_leaves_no_folder(tmp_path, monkeypatch):
+    # The Ctrl-C lands after the lock file is made and before the lock is held, as it once
+    # did in the test above on a loaded machine (the folders stayed, the lock file inside):
+    # it waits until the lock is held, and the folders the run made go with it.
+    acquire = filelock.FileLock.acquire
+
+    def acquire_then_interrupt(self, *args, **kwargs):
+        held = acquire(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # an undeferred handler would have run by now
+        return held
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", acquire_then_interrupt)
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder.exclusive_use(tmp_path / "new" / "run"):
+            reached.append("the run")
+    assert reached == [] and list(tmp_path.iterdir()) == []
