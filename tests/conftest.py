@@ -30,7 +30,33 @@ def pytest_addoption(parser):
     )
 
 
+# The longest test files, longest first (summed test times in CI's two lanes): they run
+# before the others. pytest-xdist hands out whole files in the order collected (with
+# --no-loadscope-reorder, as .ci/run runs it); a long file handed out last would run alone
+# while the other workers wait.
+LONGEST_FIRST = [
+    "test_triplet_performance",
+    "test_reliability",
+    "test_triplet_jax",
+    "test_resume_draws",
+    "test_triplet_multi_process",
+    "test_triplet_mining",
+    "test_triplet_cli",
+    "test_first_seconds_and_edges",
+    "test_mnist_backends",
+    "test_triplet_search",
+    "test_mnist_multi_process",
+    "test_mnist_cli",
+    "test_triplet_backends",
+    "test_export",
+    "test_fast_epochs",
+    "test_mnist_compare",
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # a stable sort
     seed = config.getoption("--shuffle")
     if seed is None:
         return
