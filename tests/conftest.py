@@ -32,8 +32,8 @@ def pytest_addoption(parser):
 
 # The longest test files, longest first (summed test times in CI's two lanes): they run
 # before the others. pytest-xdist hands out whole files in the order collected (with
-# --no-loadscope-reorder, as .ci/run runs it); a long file handed out last would run alone
-# while the other workers wait.
+# --no-loadscope-reorder, as .ci/run's first lane runs it); a long file handed out last
+# would run alone while the other workers wait.
 LONGEST_FIRST = [
     "test_triplet_performance",
     "test_reliability",
