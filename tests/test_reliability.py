@@ -75,7 +75,9 @@ def pairs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_second_mnist_run_on_a_busy_folder_exits_at_once(tmp_path, capsys):
-    args = [*MNIST_RUN, "--epochs", "3", "--batch-size", "32"]
+    # Batches of 8: two epochs of seconds still to go when the first is backed up, so that
+    # the SIGSTOP below finds the run alive even on a loaded machine.
+    args = [*MNIST_RUN, "--epochs", "3", "--batch-size", "8"]
     first = helpers.start(MNIST, args, tmp_path)
     wait_for(tmp_path / "run" / "backup" / "training_metadata.json", first)
     # Stopped (SIGSTOP) after its first epoch, the first run is alive and holds the folder
