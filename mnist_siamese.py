@@ -299,20 +299,13 @@ def predict_distances(base_network, images, pairs):
 def main(argv=None):
     """Run the example from the command line; return the process's exit code."""
     _, args = command_line.parse_mnist_command(argv, PARSER_DEFAULTS)
-    if args.command == "compare":  # use a trained model (see `compare --help`)
-        inputs = (args.images, args.pairs, args.run_dir, args.output, euclidean_distance)
-        return trained_model.compare_digits(*inputs, distance_threshold)
-    if args.command == "export":  # for serving (see `export --help`)
-        from siamese_support import export
-
-        return export.export_run(args.run_dir, args.format, args.output, args.overwrite, __file__)
+    if args.command:  # use a trained model: `compare`, `export` (see `COMMAND --help`)
+        return trained_model.run_command(args, __file__, euclidean_distance, distance_threshold)
     # The run folder: one run at a time, resumable; process 0 of several writes the outputs.
     folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
     with run_folder.Run(*folder, devices.process_place(args.distribute), epochs=args.epochs) as run:
         args.intra_op_threads = devices.configure_threads(args.intra_op_threads, args.network)
-        placement = devices.choose_placement(args.distribute, args.batch_size)
-        print(placement.line, flush=True)
-        devices.set_random_seed(args.seed)  # Python, NumPy and the backend
+        placement = devices.place_training(args.distribute, args.batch_size, args.seed)
 
         # The data, split between train and test sets (uint8; scaled batch by batch).
         (x_train, y_train), (x_test, y_test) = mnist_data.load_limited(args.data, args.limit)

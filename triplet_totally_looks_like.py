@@ -523,26 +523,17 @@ def print_similarities(anchor_files, result, count=5):
 def main(argv=None):
     """Run the example from the command line; return the process's exit code."""
     _, args = command_line.parse_triplet_command(argv, PARSER_DEFAULTS)
-    if args.command == "compare":  # use a trained model (see `compare --help`)
-        return gallery.compare_images(args.images, args.run_dir, preprocess_image)
-    if args.command == "search":  # (see `search --help`)
-        inputs = (args.query, args.gallery, args.k, args.run_dir, args.output, args.batch_size)
-        return gallery.search_gallery(*inputs, preprocess_image, decode_image)
-    if args.command == "export":  # for serving (see `export --help`)
-        from siamese_support import export
-
-        return export.export_run(args.run_dir, args.format, args.output, args.overwrite, __file__)
+    if args.command:  # use a trained model: `compare`, `search`, `export` (`COMMAND --help`)
+        return gallery.run_command(args, __file__, preprocess_image, decode_image)
     image_size, batch_size = (args.image_size, args.image_size), args.batch_size
     # The run folder: one run at a time, resumable; process 0 of several writes the outputs.
     folder = (args.output_dir, args.resume, args.overwrite, args.dry_run)
     place, outputs = devices.process_place(args.distribute), command_line.TRIPLET_OUTPUT_FILES
     with run_folder.Run(*folder, place, outputs, epochs=args.epochs) as run:
         args.weights = downloads.weights_choice(args.weights, "ResNet50")
-        placement = devices.choose_placement(args.distribute, batch_size)
-        print(placement.line, flush=True)
+        placement = devices.place_training(args.distribute, batch_size, args.seed)
         policy = devices.mixed_precision_policy(args.mixed_precision)  # default: on with a GPU
         args.mixed_precision = run.enter_context(policy)
-        devices.set_random_seed(args.seed)  # Python, NumPy and the backend
 
         # Load the dataset: the folder given, generated pairs for a dry run, or the download.
         data_dir = load_dataset(args.data_dir, args.dry_run, args.seed, run.temporary_folder)

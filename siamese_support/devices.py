@@ -309,6 +309,15 @@ def refuse_unsupported(distribute, backend):
         )
 
 
+def place_training(distribute, batch_size, seed):
+    """`choose_placement`, said in one line on stdout, then every random seed set
+    (`set_random_seed`: Python, NumPy and the backend): a script's start of training."""
+    placement = choose_placement(distribute, batch_size)
+    print(placement.line, flush=True)
+    set_random_seed(seed)
+    return placement
+
+
 def choose_placement(distribute, batch_size):
     """Where a script trains, on whichever Keras backend runs: a `Placement`.
 

@@ -256,3 +256,19 @@ def search_gallery(query, folder, k, run_dir, output, batch_size, preprocess_ima
         plots.plot_search_results(query_pixels, f"query: {query.name}", images, titles, output)
         print(f"Wrote {output}")
     return status.code
+
+
+def run_command(args, script, preprocess_image, decode_image):
+    """Run `compare`, `search` or `export` of the triplet script; return the exit code.
+
+    `args` is the parsed subcommand (argparse's namespace): which options it holds depends
+    on the subcommand, which is why this takes it whole. `script` is the script's path.
+    """
+    if args.command == "compare":
+        return compare_images(args.images, args.run_dir, preprocess_image)
+    if args.command == "search":
+        inputs = (args.query, args.gallery, args.k, args.run_dir, args.output, args.batch_size)
+        return search_gallery(*inputs, preprocess_image, decode_image)
+    from siamese_support import export  # imports the modules this one does
+
+    return export.export_run(args.run_dir, args.format, args.output, args.overwrite, script)

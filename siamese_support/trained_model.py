@@ -232,3 +232,17 @@ def compare_digits(images, pairs_file, run_dir, output, distance, example_thresh
             print(f"{len(inverted)} of {len(files)} images were dark on light: inverted")
         print(f"{len(rows)} pairs compared, {same} called the same digit; wrote {output}")
     return status.code
+
+
+def run_command(args, script, distance, example_threshold):
+    """Run `compare` or `export` of the MNIST script; return the exit code.
+
+    `args` is the parsed subcommand (argparse's namespace): which options it holds depends
+    on the subcommand, which is why this takes it whole. `script` is the script's path.
+    """
+    if args.command == "compare":
+        inputs = (args.images, args.pairs, args.run_dir, args.output, distance)
+        return compare_digits(*inputs, example_threshold)
+    from siamese_support import export  # imports this module
+
+    return export.export_run(args.run_dir, args.format, args.output, args.overwrite, script)
