@@ -119,6 +119,15 @@ def run_main(module, args, cwd, capsys):
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
+def same_threads():
+    """Options that keep TensorFlow's thread setting as it is, for an MNIST `main()` run in
+    the test process: a run sets it for its whole process (1 on a CPU), which would outlive
+    the test there. A subprocess given them uses the setting the test process keeps."""
+    import keras
+
+    return ["--intra-op-threads", "0"] if keras.backend.backend() == "tensorflow" else []
+
+
 def describe(result, tail=3000):
     """A finished process's exit code, the end of its stdout and its stderr, for a failure."""
     return f"exit {result.returncode}\nstdout:\n{result.stdout[-tail:]}\nstderr:\n{result.stderr}"

@@ -43,11 +43,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 # A small MNIST run: 1,000 training and 1,000 test images of the fixture, no plots.
 MNIST_RUN = ["--data", FIXTURE, "--limit", "1000", "--no-plots", "--epochs", "1"]
-# For an MNIST run's main() in this process: TensorFlow's thread setting left as it is (a
-# run sets it for its whole process, 1 on a CPU), where the backend is TensorFlow.
-IN_PROCESS_THREADS = (
-    ["--intra-op-threads", "0"] if mnist_siamese.keras.backend.backend() == "tensorflow" else []
-)
+# For an MNIST run's main() in this process (`helpers.same_threads`).
+IN_PROCESS_THREADS = helpers.same_threads()
 
 
 def interrupted_at(module, script, args, cwd, env=None):

@@ -41,11 +41,8 @@ METRIC_KEYS = (
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A cheap real training run: 600 training and 600 test images of the fixture.
 SMALL_RUN = ["--data", str(FIXTURE), "--limit", "600", "--no-plots"]
-# For a run in this process as well as in a subprocess: TensorFlow's own thread setting, the
-# one this process keeps (a run's default, 1 on a CPU, would outlive the test here).
-SAME_THREADS = (
-    ["--intra-op-threads", "0"] if mnist_siamese.keras.backend.backend() == "tensorflow" else []
-)
+# For a run in this process as well as in a subprocess (`helpers.same_threads`).
+SAME_THREADS = helpers.same_threads()
 
 
 def read_history(output_dir):

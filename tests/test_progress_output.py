@@ -30,13 +30,7 @@ BAR = "\u2501"  # the heavy horizontal line Keras draws its bars with
 SIZE = 32  # ResNet50's smallest: the streamed and the decoded images compare at any size
 
 
-def in_process_threads():
-    """The arguments that keep TensorFlow's thread setting as it is, for `main()` in this process.
-
-    An MNIST run sets TensorFlow's threads for its process (1 on a CPU); in this process
-    that would outlive the test, so it asks for TensorFlow's own choice, the setting here.
-    """
-    return ["--intra-op-threads", "0"] if keras.backend.backend() == "tensorflow" else []
+in_process_threads = helpers.same_threads  # for `main()` in this process
 
 
 class Terminal(io.StringIO):

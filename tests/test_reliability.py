@@ -47,11 +47,11 @@ def wait_for(path, process, seconds=240):
 def run_in_process(script, args, cwd, capsys):
     """The script's `main(ARGS)` in the test process (`helpers.run_main`).
 
-    An MNIST run keeps TensorFlow's own thread count (`--intra-op-threads 0`): left to
+    An MNIST run keeps TensorFlow's own thread count (`helpers.same_threads`): left to
     choose, main() would set one thread per operation for the whole test process.
     """
     if script == MNIST:
-        return helpers.run_main(mnist_siamese, [*args, "--intra-op-threads", "0"], cwd, capsys)
+        return helpers.run_main(mnist_siamese, [*args, *helpers.same_threads()], cwd, capsys)
     return helpers.run_main(triplet_totally_looks_like, args, cwd, capsys)
 
 
