@@ -493,6 +493,9 @@ def train(siamese_model, train_dataset, val_dataset, epochs, learning_rate, comp
     siamese_model.compile(
         keras.optimizers.Adam(learning_rate), jit_compile=jit, steps_per_execution=steps
     )
+    # Adam's slots now: made in the first trace of `train_step`, they make TensorFlow trace
+    # it twice (3 s of a dry run). Keras builds them so under JAX and tf.distribute already.
+    siamese_model.optimizer.build(siamese_model.siamese_network.trainable_weights)
     # shuffle=False: the dataset reshuffles itself every epoch.
     options = dict(callbacks=list(callbacks), shuffle=False, verbose=progress.fit_verbosity())
     return siamese_model.fit(train_dataset, epochs=epochs, validation_data=val_dataset, **options)

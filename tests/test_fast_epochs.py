@@ -24,7 +24,7 @@ import pytest
 from helpers import FIXTURE, MNIST, REPOSITORY, TRIPLET
 
 import mnist_siamese
-from siamese_support import devices, pipelines, run_folder
+from siamese_support import devices, pipelines, run_folder, stores
 
 MNIST_RUN = ["--data", FIXTURE, "--limit", "600", "--no-plots", "--intra-op-threads", "0"]
 
@@ -267,3 +267,69 @@ def test_epoch_split_shows_no_trace_after_the_first_epoch(tmp_path):
     assert int(rows[0][3]) >= 1 and [row[3] for row in rows[1:]] == ["0", "0"], result.stdout
     ratios = re.findall(r"^epoch \d: ([\d.]+) x the benchmark steps; ", result.stdout, re.MULTILINE)
     assert len(ratios) == 2 and all(float(ratio) > 0.5 for ratio in ratios), result.stdout
+
+
+# ---------------------------------------------------------------------------
+# One trace under TensorFlow: of the frozen trunk, and of the triplet step
+# ---------------------------------------------------------------------------
+
+tensorflow_backend = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="counts TensorFlow's traces"
+)
+
+
+@tensorflow_backend
+def test_the_trunk_is_traced_once_for_every_list_and_a_short_last_batch(tmp_path):
+    from PIL import Image
+
+    calls = []
+
+    class Counted(keras.layers.Layer):  # its Python runs once a trace under tf.function
+        def call(self, inputs):
+            calls.append(inputs.shape)
+            return keras.ops.mean(inputs, axis=(1, 2))
+
+    inputs = keras.Input((8, 8, 3))
+    trunk = keras.Model(inputs, Counted()(inputs))
+    calls.clear()  # the call that built the model
+    files = []
+    for number in range(12):
+        files.append(tmp_path / f"{number:02d}.png")
+        Image.fromarray(np.full((8, 8, 3), number * 20, np.uint8)).save(files[-1])
+
+    def load(name):
+        import tensorflow as tf
+
+        image = tf.io.decode_png(tf.io.read_file(name), channels=3)
+        return tf.cast(tf.reshape(image, (8, 8, 3)), "float32")
+
+    # Batches of 4: 5 files end on a short batch, then another list of 7 files.
+    (first, second), _ = stores.cache_inputs(
+        [map(str, files[:5]), map(str, files[5:])], load, (8, 8), 4, trunk=trunk
+    )
+    np.testing.assert_allclose(np.concatenate([first, second])[:, 0], np.arange(12) * 20.0)
+    assert len(calls) == 1, calls  # one trace for the two lists and every batch size
+
+
+@tensorflow_backend
+def test_the_triplet_step_is_traced_once_in_a_fit():
+    import triplet_totally_looks_like as tll
+
+    inputs = keras.Input((5,))
+    embedding = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    model = tll.SiameseModel(tll.build_siamese_network(embedding), 0.5)
+    traces = []
+    original_step = model.train_step
+
+    def counted_step(data):  # runs once a trace of the compiled step
+        traces.append(1)
+        return original_step(data)
+
+    model.train_step = counted_step
+    store = np.random.default_rng(0).normal(size=(30, 5)).astype("float32")
+    triplets = tll.validation_triplet_indices(np.roll(np.arange(10), 1))
+    dataset = stores.make_store_dataset(store, triplets, 4)  # 10 triplets: a short last batch
+    history = tll.train(model, dataset, dataset, 2, 1e-3, (False, 1), [])
+    assert len(history.history["loss"]) == 2
+    # Adam's slots made in the first trace would make TensorFlow trace the step again.
+    assert len(traces) == 1, traces
