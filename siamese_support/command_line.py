@@ -121,6 +121,20 @@ def _raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
+def _interrupts_ignored(in_main_thread):
+    """Ctrl-C and SIGTERM ignored in the block (signals reach the main thread only)."""
+    previous = {}
+    if in_main_thread:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
 def one_line_errors(prog, interrupted="interrupted"):
     """Turn the errors a user can cause into one line on stderr and an exit code.
 
@@ -139,25 +153,28 @@ def one_line_errors(prog, interrupted="interrupted"):
     try:
         yield status
     except (KeyboardInterrupt, Exception) as error:
-        interrupt = interrupt_behind(error)
-        lost = process_lost_behind(interrupt)
-        if lost is not None:  # the signal came while the loss of a process was reported
-            error, interrupt = lost, None
-        if interrupt is not None:
-            terminated = isinstance(interrupt, Terminated)
-            default = "terminated" if terminated else interrupted
-            print(f"{prog}: {str(interrupt) or default}", file=sys.stderr)
-            status.code = 143 if terminated else 130
-        elif isinstance(error, NothingToDo):
-            print(f"{prog}: {error}", flush=True)
-        elif isinstance(error, ProcessLost):
-            print(f"{prog}: {error}", file=sys.stderr)
-            status.code = 1
-        elif isinstance(error, (ValueError, OSError, DownloadError)):
-            print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-            status.code = 2
-        else:
-            raise
+        # The report is on its way out: a signal now (the launcher's SIGTERM, once another
+        # process has died) would end it in a traceback.
+        with _interrupts_ignored(in_main_thread):
+            interrupt = interrupt_behind(error)
+            lost = process_lost_behind(interrupt)
+            if lost is not None:  # the signal came while the loss of a process was reported
+                error, interrupt = lost, None
+            if interrupt is not None:
+                terminated = isinstance(interrupt, Terminated)
+                default = "terminated" if terminated else interrupted
+                print(f"{prog}: {str(interrupt) or default}", file=sys.stderr)
+                status.code = 143 if terminated else 130
+            elif isinstance(error, NothingToDo):
+                print(f"{prog}: {error}", flush=True)
+            elif isinstance(error, ProcessLost):
+                print(f"{prog}: {error}", file=sys.stderr)
+                status.code = 1
+            elif isinstance(error, (ValueError, OSError, DownloadError)):
+                print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+                status.code = 2
+            else:
+                raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

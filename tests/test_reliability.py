@@ -386,3 +386,35 @@ def test_sigterm_while_a_lost_process_is_reported_keeps_that_report(capsys):
             raise command_line.Terminated("terminated: finished epochs are backed up")
     assert status.code == 143
     assert capsys.readouterr().err == "prog: terminated: finished epochs are backed up\n"
+
+
+def test_a_signal_while_an_error_is_reported_does_not_cut_the_report(monkeypatch, capsys):
+    # Process 0 of a run whose other process died reports the loss; the launcher's SIGTERM
+    # to it can land in the middle of that report (seen under load).
+    original = command_line.interrupt_behind
+
+    def signalled_while_reporting(error):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # a handler runs between two bytecodes of the main thread
+        return original(error)
+
+    monkeypatch.setattr(command_line, "interrupt_behind", signalled_while_reporting)
+    lost = "stopped: another process of this run stopped; start every process again"
+    # Python's own handlers, whatever this test process was started with.
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with command_line.one_line_errors("prog") as status:
+            raise command_line.ProcessLost(lost)
+        # Outside a report, the handlers are those from before.
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    except KeyboardInterrupt as interrupt:  # not to pytest, which would stop the session
+        pytest.fail(f"the report was cut short by {type(interrupt).__name__}")
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert status.code == 1
+    assert capsys.readouterr().err == f"prog: {lost}\n"
