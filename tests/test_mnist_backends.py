@@ -52,6 +52,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.jax_only
 @needs("jax")
 def test_dry_run_under_jax_needs_no_tensorflow(tmp_path):
     result = run_under("jax", ["--dry-run"], tmp_path, without_tensorflow=True)
@@ -147,6 +148,7 @@ def test_small_run_under_jax_learns_and_saves(trained):
     assert result.stdout.splitlines()[-1].startswith("* Accuracy on test set: ")
 
 
+@pytest.mark.jax_only
 @needs("jax")
 @pytest.mark.parametrize(
     ("args", "hints"),
@@ -178,6 +180,7 @@ def cluster(addresses="127.0.0.1:1234", count="2", index="0"):
     }
 
 
+@pytest.mark.jax_only
 @needs("jax")
 @pytest.mark.parametrize(
     ("variables", "hint"),

@@ -346,6 +346,7 @@ def test_a_process_that_ignores_ctrl_c_is_stopped_after_the_grace(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.jax_only
 @helpers.needs("jax")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo's CPU collectives")
 def test_ctrl_c_while_two_processes_start_training_leaves_no_folder(tmp_path, monkeypatch):

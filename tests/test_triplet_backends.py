@@ -79,7 +79,12 @@ def test_dry_run_under_pytorch(tmp_path):
 @pytest.mark.parametrize(
     ("backend", "args", "hints"),
     [
-        ("jax", ["--distribute", "mirrored"], ["MirroredStrategy", "KERAS_BACKEND=tensorflow"]),
+        pytest.param(
+            "jax",
+            ["--distribute", "mirrored"],
+            ["MirroredStrategy", "KERAS_BACKEND=tensorflow"],
+            marks=pytest.mark.jax_only,
+        ),
         ("tensorflow", ["--distribute", "multi-process"], ["KERAS_BACKEND=jax"]),
     ],
 )
