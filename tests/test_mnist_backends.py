@@ -1,9 +1,10 @@
 """mnist_siamese.py under each Keras 3 backend: JAX and PyTorch without TensorFlow.
 
-Each test starts the script in a subprocess with `KERAS_BACKEND` set. A backend that is not
-installed skips its tests, with the reason: CI installs TensorFlow and JAX in its main
-environment and runs this module again in an environment with JAX and without TensorFlow
-(`.ci/run`); PyTorch is not a CI dependency (a multi-gigabyte install).
+Each test starts the script in a subprocess with `KERAS_BACKEND` set; the bad inputs under
+JAX run in the test process where it runs JAX. A backend that is not installed skips its
+tests, with the reason: CI installs TensorFlow and JAX in its main environment and runs this
+module again in an environment with JAX and without TensorFlow (`.ci/run`); PyTorch is not a
+CI dependency (a multi-gigabyte install).
 """
 
 import json
@@ -11,6 +12,7 @@ import re
 import textwrap
 
 import helpers
+import keras
 import numpy as np
 import pytest
 from helpers import FIXTURE, MNIST, describe, installed, needs
@@ -22,6 +24,16 @@ def run_under(backend, args, cwd, without_tensorflow=False):
     """`helpers.run` of the MNIST script with KERAS_BACKEND set to `backend`."""
     code = helpers.RUN_WITHOUT_TENSORFLOW if without_tensorflow else None
     return helpers.run(MNIST, args, cwd, code, env={"KERAS_BACKEND": backend})
+
+
+def refused_under_jax(args, cwd, capsys):
+    """The script under JAX with `args` it refuses: its `main()` in this process where this
+    process runs JAX (CI's JAX lane), which spares a process's imports; else `run_under`."""
+    if keras.backend.backend() == "jax":
+        import mnist_siamese
+
+        return helpers.run_main(mnist_siamese, args, cwd, capsys)
+    return run_under("jax", args, cwd)
 
 
 SMALL_RUN = [
@@ -157,8 +169,8 @@ def test_small_run_under_jax_learns_and_saves(trained):
         (["--distribute", "mirrored"], ["MirroredStrategy", "KERAS_BACKEND=tensorflow"]),
     ],
 )
-def test_tensorflow_only_options_under_jax(args, hints, tmp_path):
-    result = run_under("jax", ["--dry-run", *args], tmp_path)
+def test_tensorflow_only_options_under_jax(args, hints, tmp_path, capsys):
+    result = refused_under_jax(["--dry-run", *args], tmp_path, capsys)
     helpers.assert_one_line_error(result, PROG, *hints)
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
@@ -200,12 +212,12 @@ def cluster(addresses="127.0.0.1:1234", count="2", index="0"):
     ],
 )
 def test_multi_process_names_a_missing_or_malformed_variable(
-    variables, hint, tmp_path, monkeypatch
+    variables, hint, tmp_path, monkeypatch, capsys
 ):
     for name in ("JOB_ADDRESSES", "NUM_PROCESSES", "PROCESS_ID"):
         monkeypatch.delenv(f"KERAS_DISTRIBUTION_{name}", raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    result = run_under("jax", ["--dry-run", "--distribute", "multi-process"], tmp_path)
+    result = refused_under_jax(["--dry-run", "--distribute", "multi-process"], tmp_path, capsys)
     helpers.assert_one_line_error(result, PROG, hint)
     assert not (tmp_path / "runs").exists()
