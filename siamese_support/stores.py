@@ -245,7 +245,8 @@ def _apply_to_files(model, filenames, preprocess_image, batch_size, folder, prog
         batches = numpy_image_batches(filenames, preprocess_image, batch_size)
         return _fill_store(store, (predict_rows(model, batch) for batch in batches), progress)
     batches = image_batches(filenames, preprocess_image, batch_size)
-    outputs = (_traced_inference(model, batches.element_spec)(batch).numpy() for batch in batches)
+    apply = _traced_inference(model, batches.element_spec)
+    outputs = (apply(batch).numpy() for batch in batches)
     return _fill_store(store, outputs, progress)
 
 
