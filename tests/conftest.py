@@ -161,3 +161,15 @@ def mixed_precision():
 
     with devices.mixed_precision_policy(True):
         yield
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in a test that asks for it, whatever the runner inherited.
+
+    A suite started as a background job runs with SIGINT ignored; the fixture installs
+    Python's default handler and puts the previous one back afterwards.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

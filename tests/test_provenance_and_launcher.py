@@ -378,7 +378,7 @@ def test_ctrl_c_while_two_processes_start_training_leaves_no_folder(tmp_path, mo
     assert list(tmp_path.iterdir()) == [], describe(result)
 
 
-def test_a_ctrl_c_while_the_lock_is_taken_leaves_no_folder(tmp_path, monkeypatch):
+def test_a_ctrl_c_while_the_lock_is_taken_leaves_no_folder(tmp_path, monkeypatch, ctrl_c_raises):
     # The Ctrl-C lands after the lock file is made and before the lock is held, as it once
     # did in the test above on a loaded machine (the folders stayed, the lock file inside):
     # it waits until the lock is held, and the folders the run made go with it.

@@ -271,18 +271,6 @@ def test_a_split_is_compared_only_with_an_interrupted_runs(tmp_path):
         run_folder.check_same_as_interrupted_run(tmp_path, "split.json", split, lambda _: "changed")
 
 
-@pytest.fixture
-def ctrl_c_raises():
-    """SIGINT raises KeyboardInterrupt in this test, whatever the runner inherited.
-
-    A suite started as a background job runs with SIGINT ignored; the fixture installs
-    Python's default handler and puts the previous one back afterwards.
-    """
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_ctrl_c_during_a_backup_is_delivered_after_it(ctrl_c_raises):
     finished = []
     with pytest.raises(KeyboardInterrupt):
