@@ -26,7 +26,9 @@ from helpers import FIXTURE, MNIST, REPOSITORY, TRIPLET
 import mnist_siamese
 from siamese_support import devices, pipelines, run_folder, stores
 
-MNIST_RUN = ["--data", FIXTURE, "--limit", "600", "--no-plots", "--intra-op-threads", "0"]
+# The data of the MNIST runs; MNIST_RUN, for `main()` in this process, keeps its threads.
+MNIST_DATA = ["--data", FIXTURE, "--limit", "600", "--no-plots"]
+MNIST_RUN = [*MNIST_DATA, *helpers.same_threads()]
 
 # Runs a script as `python SCRIPT ARGS` would, with the data kept "on the device" (JAX's CPU).
 ON_DEVICE = textwrap.dedent(
@@ -208,10 +210,11 @@ def test_data_stays_on_the_host_of_a_cpu(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.jax_only
 @helpers.needs("jax")
 def test_a_jax_run_with_its_data_on_the_device_trains_as_on_the_host(tmp_path):
     # Both runs at once; the triplet script's batches are checked above, row by row.
-    args = [*MNIST_RUN[:-2], "--epochs", "2", "--steps-per-execution", "4"]
+    args = [*MNIST_DATA, "--epochs", "2", "--steps-per-execution", "4"]
     runs = {
         name: helpers.start(
             MNIST,
@@ -252,7 +255,7 @@ def test_the_runs_callbacks_let_keras_run_batch_hooks_on_its_thread(tmp_path):
 @pytest.mark.slow
 @helpers.needs("jax")
 def test_epoch_split_shows_no_trace_after_the_first_epoch(tmp_path):
-    args = ["mnist_siamese.py", *MNIST_RUN[:-2], "--epochs", "3", "--output-dir", tmp_path / "m"]
+    args = ["mnist_siamese.py", *MNIST_DATA, "--epochs", "3", "--output-dir", tmp_path / "m"]
     result = helpers.run(
         REPOSITORY / "benchmarks" / "epoch_split.py",
         args,
