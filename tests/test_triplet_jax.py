@@ -3,7 +3,8 @@
 What JAX users run: the dry run, `compare` and `search`, all without TensorFlow; and Keras's
 `DataParallel` over two devices, under which the loss sees the whole batch and must mine
 each device's share on its own. CI runs this module in its environment with JAX and without
-TensorFlow (`.ci/run`); test_triplet_backends.py compares JAX with TensorFlow and PyTorch.
+TensorFlow (`.ci/run`), where `compare` and `search` run in the test process;
+test_triplet_backends.py compares JAX with TensorFlow and PyTorch.
 """
 
 import json
@@ -11,6 +12,7 @@ import re
 import textwrap
 
 import helpers
+import keras
 import numpy as np
 import pytest
 from helpers import TRIPLET, describe
@@ -23,6 +25,20 @@ pytest.importorskip("jax", reason="these tests run the script under JAX (require
 def run_under_jax(args, cwd, python_code=helpers.RUN_WITHOUT_TENSORFLOW, env=None):
     """`helpers.run` of the triplet script (or of `python_code`) with KERAS_BACKEND=jax."""
     return helpers.run(TRIPLET, args, cwd, python_code, {"KERAS_BACKEND": "jax", **(env or {})})
+
+
+def command_under_jax(args, cwd, capsys):
+    """`compare` or `search` under JAX without TensorFlow, as a finished process.
+
+    Where TensorFlow is not installed and Keras runs JAX (CI's JAX environment), `main()`
+    runs in this process, which spares a process's imports and the model's compiles; else
+    a subprocess, with TensorFlow blocked.
+    """
+    if helpers.installed("tensorflow") or keras.backend.backend() != "jax":
+        return run_under_jax(args, cwd)
+    import triplet_totally_looks_like
+
+    return helpers.run_main(triplet_totally_looks_like, args, cwd, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +67,20 @@ def test_dry_run_under_jax_needs_no_tensorflow(jax_run):
 
 
 @pytest.mark.slow
-def test_compare_and_search_under_jax_need_no_tensorflow(jax_run, tmp_path):
+def test_compare_and_search_under_jax_need_no_tensorflow(jax_run, tmp_path, capsys):
     output_dir, result = jax_run
     assert result.returncode == 0, describe(result)
     gallery = synthetic.make_synthetic_dataset(tmp_path / "gallery", pairs=8, image_size=80)
     query = gallery / "left" / "00000.jpg"
     common = ["--run-dir", output_dir]
     search = ["search", query, "--gallery", gallery / "right", "-k", "3", *common]
-    searched = run_under_jax(search, tmp_path)
+    searched = command_under_jax(search, tmp_path, capsys)
     assert searched.returncode == 0, describe(searched)
     ranking = [line for line in searched.stdout.splitlines() if re.match(r"\s+\d\. ", line)]
     assert len(ranking) == 3, searched.stdout
     assert (output_dir / "search.png").is_file()
     compare = ["compare", query, gallery / "right" / "00000.jpg", *common]
-    compared = run_under_jax(compare, tmp_path)
+    compared = command_under_jax(compare, tmp_path, capsys)
     assert compared.returncode == 0, describe(compared)
     assert re.search(r"^Squared distance: \d+\.\d{4}$", compared.stdout, re.M), compared.stdout
     # (A file that is no image: test_triplet_backends.py, in its process.)
