@@ -1,4 +1,4 @@
-"""The first seconds of a run, its last ones, and the edges of `compare`, `search` and resuming.
+"""The first seconds of a run, its last ones, and the edges of MNIST's `compare` and of resuming.
 
 Each case runs a script as a user would and checks the exit code, the one line the user
 reads, that no traceback shows, and what the output folder holds afterwards. Where the
@@ -21,8 +21,7 @@ from helpers import FIXTURE, MNIST, TRIPLET, assert_one_line_error, describe
 # Imported here, before any test: the first import sets process-wide settings (environment
 # variables of TensorFlow's) that conftest.py's guard would blame on the test.
 import mnist_siamese
-import triplet_totally_looks_like
-from siamese_support import command_line, run_folder, synthetic, trained_model
+from siamese_support import command_line, run_folder, trained_model
 
 # Run by `python -c`: sends SIGINT to this process when the import of INTERRUPT_AT starts,
 # then runs the script (sys.argv[1]) as the shell would.
@@ -178,18 +177,6 @@ def test_resume_on_a_finished_mnist_run(mnist_run, tmp_path, capfd):
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
 
 
-@pytest.mark.slow
-def test_resume_on_a_finished_triplet_run(triplet_run, tmp_path, capfd):
-    # A copy of the module's finished dry run, made by `args` (the fixture checked it).
-    folder, args = triplet_run
-    shutil.copytree(folder / "run", tmp_path / "run")
-    metrics = (tmp_path / "run" / "metrics.json").read_bytes()
-    again = helpers.run_main(triplet_totally_looks_like, [*args, "--resume"], tmp_path, capfd)
-    assert again.returncode == 0, describe(again)
-    assert "nothing to resume: the run in run finished, after 1 epoch" in again.stdout
-    assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
-
-
 def test_check_not_finished_rules(tmp_path):
     run_folder.check_not_finished(tmp_path, 5)  # no run: nothing to say
     (tmp_path / "metrics.json").write_text("{damaged")
@@ -307,40 +294,3 @@ def test_whole_zip_file(tmp_path):
     archive.write_bytes(archive.read_bytes()[:-30])
     assert not trained_model.whole_zip_file(archive)
     assert not trained_model.whole_zip_file(tmp_path / "missing.keras")
-
-
-@pytest.fixture(scope="module")
-def triplet_run(tmp_path_factory):
-    """`(folder, args)`: a finished triplet run in FOLDER/run, made by `args` from FOLDER.
-
-    A dry run (1 epoch, no pretrained weights) on 12 generated pairs of 32 x 32 images, in
-    FOLDER/pairs, which then serve as the gallery and the query.
-    """
-    folder = tmp_path_factory.mktemp("triplet_run")
-    data = folder / "pairs"
-    synthetic.make_synthetic_dataset(data, pairs=12, image_size=32, seed=1)
-    args = ["--dry-run", "--data-dir", data, "--image-size", "32", "--batch-size", "4"]
-    args += ["--no-plots", "--output-dir", "run"]
-    result = helpers.run(TRIPLET, args, folder)
-    assert result.returncode == 0, describe(result)
-    return folder, args
-
-
-@pytest.mark.slow
-def test_search_output_into_a_new_folder_is_created(triplet_run, tmp_path, capfd):
-    folder, _ = triplet_run
-    data = folder / "pairs"
-    query = next((data / "left").iterdir())
-    output = tmp_path / "not" / "yet" / "here.png"
-    search = ["search", "--run-dir", folder / "run", "--gallery", data / "right", "-k", "3"]
-    search.append(query)
-    tll = triplet_totally_looks_like
-    result = helpers.run_main(tll, [*search, "--output", output], tmp_path, capfd)
-    assert result.returncode == 0, describe(result)
-    assert output.read_bytes().startswith(b"\x89PNG")
-    assert [path.name for path in output.parent.iterdir()] == ["here.png"]
-    (tmp_path / "a_file").write_text("")
-    refused = [*search, "--output", tmp_path / "a_file" / "x.png"]
-    result = helpers.run_main(tll, refused, tmp_path, capfd)
-    assert_one_line_error(result, "triplet_totally_looks_like.py search", "a_file is a file")
-    assert "Gallery" not in result.stdout  # refused before the gallery was embedded

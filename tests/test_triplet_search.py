@@ -1,4 +1,5 @@
-"""`triplet_totally_looks_like.py search` and `compare` on a dry run's model.
+"""`triplet_totally_looks_like.py search` and `compare` on a dry run's model, and `--resume`
+on that finished run.
 
 The model is trained once per module on generated pairs (`tools/make_synthetic_tll.py`),
 whose images then serve as the gallery and the queries. A first search and one bad input
@@ -24,6 +25,9 @@ import triplet_totally_looks_like
 # Every test needs the model the module trains first: all are in the slow lane.
 pytestmark = pytest.mark.slow
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PROG = "triplet_totally_looks_like.py search"
+# The module's run: one epoch, no pretrained weights, the dry run's 64 x 64 images.
+DRY_RUN = ["--dry-run", "--no-plots", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +38,7 @@ def trained(tmp_path_factory):
         TOOLS / "make_synthetic_tll.py", ["--pairs", 12, "--image-size", 64, "pairs"], folder
     )
     assert tool.returncode == 0, describe(tool)
-    args = ["--dry-run", "--no-plots", "--data-dir", "pairs", "--output-dir", "run"]
-    args += ["--batch-size", "4"]
-    result = helpers.run(TRIPLET, args, folder)
+    result = helpers.run(TRIPLET, [*DRY_RUN, "--data-dir", "pairs", "--output-dir", "run"], folder)
     assert result.returncode == 0, describe(result)
     return folder, folder / "run", folder / "pairs"
 
@@ -129,7 +131,6 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
     folder, run_dir, pairs = trained
     query = pairs / "left" / "00001.jpg"
     args = ["search", query, "--gallery", pairs / "left", "--run-dir", run_dir]
-    prog = "triplet_totally_looks_like.py search"
     if case == "empty gallery":
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "notes.txt").write_text("no images here")
@@ -156,4 +157,34 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
         if in_own_process
         else helpers.run_main(triplet_totally_looks_like, args, folder, capsys)
     )
-    helpers.assert_one_line_error(result, prog, *hints)
+    helpers.assert_one_line_error(result, PROG, *hints)
+
+
+def test_search_output_into_a_new_folder_is_created(trained, tmp_path, capfd):
+    folder, run_dir, pairs = trained
+    query = pairs / "left" / "00004.jpg"
+    output = tmp_path / "not" / "yet" / "here.png"
+    search = ["search", query, "--gallery", pairs / "right", "-k", "3", "--run-dir", run_dir]
+    tll = triplet_totally_looks_like
+    result = helpers.run_main(tll, [*search, "--output", output], tmp_path, capfd)
+    assert result.returncode == 0, describe(result)
+    assert output.read_bytes().startswith(PNG_SIGNATURE)
+    assert [path.name for path in output.parent.iterdir()] == ["here.png"]
+    (tmp_path / "a_file").write_text("")
+    refused = [*search, "--output", tmp_path / "a_file" / "x.png"]
+    result = helpers.run_main(tll, refused, tmp_path, capfd)
+    helpers.assert_one_line_error(result, PROG, "a_file is a file")
+    assert "Gallery" not in result.stdout  # refused before the gallery was embedded
+
+
+def test_resume_on_a_finished_triplet_run(trained, tmp_path, capfd):
+    # A copy of the module's finished run, resumed with the command that made it (a
+    # scheduler's retry): nothing to do, success, the run as it was.
+    folder, run_dir, pairs = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    metrics = (tmp_path / "run" / "metrics.json").read_bytes()
+    args = [*DRY_RUN, "--data-dir", pairs, "--output-dir", "run", "--resume"]
+    again = helpers.run_main(triplet_totally_looks_like, args, tmp_path, capfd)
+    assert again.returncode == 0, describe(again)
+    assert "nothing to resume: the run in run finished, after 1 epoch" in again.stdout
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
