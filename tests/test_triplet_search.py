@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, case, capsys):
 
 
 def test_search_output_into_a_new_folder_is_created(trained, tmp_path, capfd):
-    folder, run_dir, pairs = trained
+    _, run_dir, pairs = trained
     query = pairs / "left" / "00004.jpg"
     output = tmp_path / "not" / "yet" / "here.png"
     search = ["search", query, "--gallery", pairs / "right", "-k", "3", "--run-dir", run_dir]
@@ -180,7 +180,7 @@ def test_search_output_into_a_new_folder_is_created(trained, tmp_path, capfd):
 def test_resume_on_a_finished_triplet_run(trained, tmp_path, capfd):
     # A copy of the module's finished run, resumed with the command that made it (a
     # scheduler's retry): nothing to do, success, the run as it was.
-    folder, run_dir, pairs = trained
+    _, run_dir, pairs = trained
     shutil.copytree(run_dir, tmp_path / "run")
     metrics = (tmp_path / "run" / "metrics.json").read_bytes()
     args = [*DRY_RUN, "--data-dir", pairs, "--output-dir", "run", "--resume"]
